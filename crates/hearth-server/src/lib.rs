@@ -1,0 +1,108 @@
+//! Hearth's HTTP edge: routing, content negotiation, the FHIR REST interactions and the
+//! CapabilityStatement. Errors from the lower crates become `OperationOutcome`s here and only
+//! here ([`error::ApiError`]).
+//!
+//! # Layout
+//! - [`rest`]: create, read, vread, update, delete, history.
+//! - [`search`]: type-level search with keyset paging.
+//! - [`bundle`]: transaction and batch Bundles.
+//! - [`capability`]: `GET /metadata`.
+//! - [`http_util`]: negotiation, bodies and headers shared by the handlers.
+
+pub mod bundle;
+pub mod capability;
+pub mod error;
+pub mod http_util;
+pub mod rest;
+pub mod search;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::Method;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hearth_store::Store;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+
+/// Where FHIR lives on the server.
+pub const FHIR_PATH: &str = "/fhir";
+
+/// What the HTTP edge needs to know.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The public FHIR base URL, used in every absolute URL the server hands out.
+    pub base_url: String,
+    /// Larger request bodies are refused with `413`.
+    pub max_body_bytes: usize,
+}
+
+/// Shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub config: Arc<ServerConfig>,
+    capability: Arc<Bytes>,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Self {
+        let started = hearth_fhir::instant::format_instant(hearth_fhir::instant::now_micros());
+        let capability = capability::capability_statement(&config.base_url, &started);
+        Self {
+            store,
+            config: Arc::new(config),
+            capability: Arc::new(Bytes::from(capability)),
+        }
+    }
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no FHIR interaction at {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::Internal("the request handler panicked".into()).into_response()
+}
+
+/// All routes, with the layers every request passes.
+pub fn router(state: AppState) -> Router {
+    let fhir = Router::new()
+        .route("/", post(bundle::process))
+        .route("/metadata", get(capability::metadata))
+        .route("/{type}", get(search::search).post(rest::create))
+        .route(
+            "/{type}/{id}",
+            get(rest::read).put(rest::update).delete(rest::delete),
+        )
+        .route("/{type}/{id}/_history", get(rest::history))
+        .route("/{type}/{id}/_history/{version}", get(rest::vread))
+        .method_not_allowed_fallback(method_not_allowed);
+    Router::new()
+        .nest(FHIR_PATH, fhir)
+        .fallback(not_found)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,71 @@
+//! Persistence for Hearth behind one [`Store`] trait.
+//!
+//! # Layout
+//! - [`model`]: what goes in and comes out (write operations, stored versions, search pages).
+//! - [`error`]: the store's error types.
+//! - [`sqlite`]: the embedded backend (one writer thread, a pool of readers, WAL mode).
+//!
+//! Every write gets a **change sequence** number (`seq`) and a strictly increasing
+//! `lastUpdated` from the single writer, in the same transaction as the data. Every version is
+//! kept; a delete is a tombstone version. Because `lastUpdated` grows with `seq`, any instant
+//! maps to a sequence number, and time windows (`_since`, `_lastUpdated`) become `seq` ranges
+//! over one index.
+
+pub mod error;
+pub mod model;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use hearth_fhir::instant::Micros;
+
+pub use error::{StoreError, WriteError};
+pub use model::{
+    BatchMode, SearchPage, SearchQuery, Seq, StoredVersion, WriteKind, WriteOp, Written,
+};
+pub use sqlite::SqliteStore;
+
+/// What every storage backend offers. Methods never block the async runtime.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies write operations. In [`BatchMode::Atomic`] the first failing operation rolls
+    /// everything back and is reported as [`StoreError::Entry`]; in [`BatchMode::Independent`]
+    /// each operation succeeds or fails on its own.
+    async fn write(
+        &self,
+        ops: Vec<WriteOp>,
+        mode: BatchMode,
+    ) -> Result<Vec<Result<Written, WriteError>>, StoreError>;
+
+    /// The newest version of a resource, which may be a tombstone.
+    async fn read(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredVersion>, StoreError>;
+
+    /// One version of a resource.
+    async fn read_version(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<StoredVersion>, StoreError>;
+
+    /// Versions of one resource, newest first, older than `before_version` when given.
+    async fn history(
+        &self,
+        resource_type: &str,
+        id: &str,
+        before_version: Option<u64>,
+        count: usize,
+    ) -> Result<Vec<StoredVersion>, StoreError>;
+
+    /// Current, non-deleted resources of one type, in change-sequence order.
+    async fn search(&self, query: SearchQuery) -> Result<SearchPage, StoreError>;
+
+    /// The last change sequence number whose `lastUpdated` is at or before `instant`.
+    async fn seq_at(&self, instant: Micros) -> Result<Seq, StoreError>;
+
+    /// Flushes and closes; later calls fail.
+    async fn close(&self) -> Result<(), StoreError>;
+}

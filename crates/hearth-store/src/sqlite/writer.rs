@@ -1,0 +1,328 @@
+//! The single writer: a dedicated thread that owns the writing connection.
+
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Sender, bounded};
+use hearth_fhir::instant::{Micros, now_micros};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::oneshot;
+
+use crate::error::{StoreError, WriteError};
+use crate::model::{BatchMode, Seq, WriteKind, WriteOp, Written};
+
+type Command = Box<dyn FnOnce(&mut WriterState) + Send>;
+
+/// The only source of change sequence numbers and `lastUpdated` values.
+pub(crate) struct Clock {
+    next_seq: Seq,
+    last_updated: Micros,
+}
+
+impl Clock {
+    /// The next sequence number and a `lastUpdated` later than every one handed out before,
+    /// even if the system clock stepped back.
+    fn tick(&mut self) -> (Seq, Micros) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.last_updated = now_micros().max(self.last_updated + 1);
+        (seq, self.last_updated)
+    }
+}
+
+pub(crate) struct WriterState {
+    pub(crate) conn: Connection,
+    pub(crate) clock: Clock,
+}
+
+pub(crate) struct WriterHandle {
+    /// `None` once the store is closed; dropping the last sender ends the writer's loop.
+    commands: Mutex<Option<Sender<Command>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+pub(crate) struct Writer;
+
+impl Writer {
+    pub(crate) fn spawn(conn: Connection) -> Result<WriterHandle, StoreError> {
+        let (last_seq, last_updated): (Seq, Micros) = conn.query_row(
+            "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(last_updated), 0) FROM resource_version",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let mut state = WriterState {
+            conn,
+            clock: Clock {
+                next_seq: last_seq + 1,
+                last_updated,
+            },
+        };
+        // A short queue: callers wait (asynchronously) instead of piling work up in memory.
+        let (commands, receiver) = bounded::<Command>(64);
+        let thread = std::thread::Builder::new()
+            .name("hearth-sqlite-writer".into())
+            .spawn(move || {
+                for command in receiver {
+                    command(&mut state);
+                }
+                if let Err(e) = state
+                    .conn
+                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA optimize;")
+                {
+                    tracing::warn!(error = %e, "final checkpoint failed");
+                }
+            })
+            .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+        Ok(WriterHandle {
+            commands: Mutex::new(Some(commands)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+impl WriterHandle {
+    /// Runs `work` on the writer thread and waits for its answer without blocking the runtime.
+    pub(crate) async fn run<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut WriterState) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let command: Command = Box::new(move |state| {
+            let _ = reply.send(work(state));
+        });
+        let commands = self
+            .commands
+            .lock()
+            .ok()
+            .and_then(|sender| sender.clone())
+            .ok_or(StoreError::Closed)?;
+        // The queue is bounded, so sending may wait: do that off the async workers.
+        tokio::task::spawn_blocking(move || commands.send(command))
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))?
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub(crate) async fn write(
+        &self,
+        ops: Vec<WriteOp>,
+        mode: BatchMode,
+    ) -> Result<Vec<Result<Written, WriteError>>, StoreError> {
+        self.run(move |state| state.apply(ops, mode)).await
+    }
+
+    /// Stops the writer after the commands already queued, and checkpoints the WAL.
+    pub(crate) async fn close(&self) -> Result<(), StoreError> {
+        drop(
+            self.commands
+                .lock()
+                .ok()
+                .and_then(|mut sender| sender.take()),
+        );
+        let thread = self.thread.lock().ok().and_then(|mut thread| thread.take());
+        if let Some(thread) = thread {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|e| StoreError::Internal(e.to_string()))?
+                .map_err(|_| StoreError::Internal("the writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+}
+
+impl WriterState {
+    fn apply(
+        &mut self,
+        ops: Vec<WriteOp>,
+        mode: BatchMode,
+    ) -> Result<Vec<Result<Written, WriteError>>, StoreError> {
+        let saved = (self.clock.next_seq, self.clock.last_updated);
+        let result = apply_in_transaction(&mut self.conn, &mut self.clock, ops, mode);
+        if result.is_err() {
+            // Nothing was committed: hand the same numbers out again, so seq stays gap-free.
+            (self.clock.next_seq, self.clock.last_updated) = saved;
+        }
+        result
+    }
+}
+
+fn apply_in_transaction(
+    conn: &mut Connection,
+    clock: &mut Clock,
+    ops: Vec<WriteOp>,
+    mode: BatchMode,
+) -> Result<Vec<Result<Written, WriteError>>, StoreError> {
+    let tx = conn.transaction()?;
+    let mut results = Vec::with_capacity(ops.len());
+    for (index, op) in ops.into_iter().enumerate() {
+        let result = apply_one(&tx, clock, op)?;
+        if let (BatchMode::Atomic, Err(error)) = (mode, &result) {
+            return Err(StoreError::Entry {
+                index,
+                error: error.clone(),
+            });
+        }
+        results.push(result);
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+struct Current {
+    seq: Seq,
+    version: u64,
+    deleted: bool,
+    content_hash: Vec<u8>,
+    last_updated: Micros,
+}
+
+fn current(
+    tx: &Transaction<'_>,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<Current>, StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT seq, version, deleted, content_hash, last_updated FROM resource_version
+         WHERE res_type = ?1 AND res_id = ?2 ORDER BY version DESC LIMIT 1",
+    )?;
+    Ok(stmt
+        .query_row(params![resource_type, id], |row| {
+            Ok(Current {
+                seq: row.get(0)?,
+                version: row.get::<_, i64>(1)? as u64,
+                deleted: row.get(2)?,
+                content_hash: row.get(3)?,
+                last_updated: row.get(4)?,
+            })
+        })
+        .optional()?)
+}
+
+fn check_if_match(expected: Option<u64>, current: &Option<Current>) -> Result<(), WriteError> {
+    match expected {
+        Some(expected) => {
+            let live = current.as_ref().filter(|c| !c.deleted).map(|c| c.version);
+            if live == Some(expected) {
+                Ok(())
+            } else {
+                Err(WriteError::VersionConflict {
+                    expected,
+                    current: live,
+                })
+            }
+        }
+        None => Ok(()),
+    }
+}
+
+fn apply_one(
+    tx: &Transaction<'_>,
+    clock: &mut Clock,
+    op: WriteOp,
+) -> Result<Result<Written, WriteError>, StoreError> {
+    match op {
+        WriteOp::Put { resource, if_match } => {
+            let current = current(tx, resource.resource_type, &resource.id)?;
+            if let Err(conflict) = check_if_match(if_match, &current) {
+                return Ok(Err(conflict));
+            }
+            let hash = resource.content_hash.to_be_bytes();
+            if let Some(c) = &current
+                && !c.deleted
+                && c.content_hash == hash
+            {
+                return Ok(Ok(Written {
+                    resource_type: resource.resource_type,
+                    id: resource.id,
+                    kind: WriteKind::Unchanged,
+                    version: c.version,
+                    last_updated: c.last_updated,
+                    seq: c.seq,
+                }));
+            }
+            let (seq, last_updated) = clock.tick();
+            let version = current.as_ref().map_or(1, |c| c.version + 1);
+            let body = resource.render(version, last_updated);
+            tx.prepare_cached(
+                "INSERT INTO resource_version
+                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 0, ?6, ?7)",
+            )?
+            .execute(params![
+                seq,
+                resource.resource_type,
+                resource.id,
+                version as i64,
+                last_updated,
+                &hash[..],
+                body
+            ])?;
+            if let Some(c) = &current {
+                supersede(tx, c.seq, seq)?;
+            }
+            let mut member = tx.prepare_cached(
+                "INSERT OR IGNORE INTO compartment_member (patient_id, seq) VALUES (?1, ?2)",
+            )?;
+            for patient in &resource.compartment {
+                member.execute(params![patient, seq])?;
+            }
+            let kind = match &current {
+                Some(c) if !c.deleted => WriteKind::Updated,
+                _ => WriteKind::Created,
+            };
+            Ok(Ok(Written {
+                resource_type: resource.resource_type,
+                id: resource.id,
+                kind,
+                version,
+                last_updated,
+                seq,
+            }))
+        }
+        WriteOp::Delete {
+            resource_type,
+            id,
+            if_match,
+        } => {
+            let current = current(tx, resource_type, &id)?;
+            if let Err(conflict) = check_if_match(if_match, &current) {
+                return Ok(Err(conflict));
+            }
+            let Some(live) = current.filter(|c| !c.deleted) else {
+                return Ok(Ok(Written {
+                    resource_type,
+                    id,
+                    kind: WriteKind::NotPresent,
+                    version: 0,
+                    last_updated: 0,
+                    seq: 0,
+                }));
+            };
+            let (seq, last_updated) = clock.tick();
+            let version = live.version + 1;
+            tx.prepare_cached(
+                "INSERT INTO resource_version
+                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 1, x'', x'')",
+            )?
+            .execute(params![seq, resource_type, id, version as i64, last_updated])?;
+            supersede(tx, live.seq, seq)?;
+            Ok(Ok(Written {
+                resource_type,
+                id,
+                kind: WriteKind::Deleted,
+                version,
+                last_updated,
+                seq,
+            }))
+        }
+    }
+}
+
+fn supersede(tx: &Transaction<'_>, old: Seq, new: Seq) -> Result<(), StoreError> {
+    tx.prepare_cached("UPDATE resource_version SET superseded_by = ?2 WHERE seq = ?1")?
+        .execute(params![old, new])?;
+    Ok(())
+}

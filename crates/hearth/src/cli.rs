@@ -1,0 +1,338 @@
+//! Subcommands and their flags (each flag also reads a `HEARTH_*` variable).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hearth_load::{BatchLimits, LoadObserver, LoadReport, Rejection, Target};
+use hearth_server::{AppState, FHIR_PATH, ServerConfig};
+use hearth_store::{SqliteStore, Store};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hearth",
+    version,
+    about = "Hearth: a FHIR R4 server built for Bulk Data export"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the FHIR server.
+    Serve(ServeArgs),
+    /// Load NDJSON, gzip NDJSON or Bundle files into a data directory or a running server.
+    Load(LoadArgs),
+    /// Write a deterministic synthetic population as NDJSON, one file per resource type.
+    Synth(SynthArgs),
+    /// Fill an empty data directory with a synthetic population, then serve it.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HEARTH_ADDR", default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Data directory: the SQLite database and export files live here.
+    #[arg(long, env = "HEARTH_DATA", default_value = "./hearth-data")]
+    data: PathBuf,
+    /// Public FHIR base URL (default http://<addr>/fhir).
+    #[arg(long, env = "HEARTH_BASE_URL")]
+    base_url: Option<String>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "HEARTH_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Log format.
+    #[arg(long, env = "HEARTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct LoadArgs {
+    /// Files or directories (.ndjson, .ndjson.gz, .json Bundles).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Write straight into this data directory (the server must not be running on it).
+    #[arg(long, env = "HEARTH_DATA", conflicts_with = "server")]
+    data: Option<PathBuf>,
+    /// Send through the HTTP API of a running server (its FHIR base URL).
+    #[arg(long, env = "HEARTH_SERVER")]
+    server: Option<String>,
+    /// Resources per batch.
+    #[arg(long, default_value_t = 2_000)]
+    batch_resources: usize,
+}
+
+#[derive(Args, Debug)]
+struct SynthArgs {
+    /// Number of patients.
+    #[arg(long, default_value_t = 100)]
+    patients: u64,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed; the same seed gives byte-identical output.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Patients to synthesize when the data directory is empty.
+    #[arg(long, default_value_t = 100)]
+    patients: u64,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            serve(args).await
+        }
+        Command::Load(args) => load(args).await,
+        Command::Synth(args) => {
+            let started = Instant::now();
+            let summary = hearth_synth::write_ndjson_dir(
+                &hearth_synth::SynthConfig {
+                    patients: args.patients,
+                    seed: args.seed,
+                },
+                &args.out,
+            )
+            .with_context(|| format!("writing {}", args.out.display()))?;
+            for (resource_type, count) in &summary.by_type {
+                println!("{resource_type:<24} {count:>10}");
+            }
+            println!(
+                "{} resources, {} bytes in {:.1?} to {}",
+                summary.resources,
+                summary.bytes,
+                started.elapsed(),
+                args.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            init_logging(args.serve.log_format);
+            demo(args).await
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {},
+            _ = terminate.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&args.data).await?;
+    serve_store(args, store).await
+}
+
+async fn open_store(data: &Path) -> anyhow::Result<Arc<SqliteStore>> {
+    let data = data.to_owned();
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data))
+        .await?
+        .context("opening the data directory")?;
+    Ok(Arc::new(store))
+}
+
+async fn serve_store(args: ServeArgs, store: Arc<SqliteStore>) -> anyhow::Result<ExitCode> {
+    let listener = TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    let local = listener.local_addr()?;
+    let base_url = args
+        .base_url
+        .unwrap_or_else(|| format!("http://{local}{FHIR_PATH}"))
+        .trim_end_matches('/')
+        .to_owned();
+    tracing::info!(%base_url, data = %args.data.display(), "Hearth is serving FHIR R4");
+    let state = AppState::new(
+        store.clone(),
+        ServerConfig {
+            base_url,
+            max_body_bytes: args.max_body_bytes,
+        },
+    );
+    hearth_server::serve(listener, state, shutdown_signal()).await?;
+    store.close().await.context("closing the store")?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shows a progress line on a terminal and prints rejections as `file:line: reason`.
+struct ConsoleObserver {
+    bar: ProgressBar,
+    started: Instant,
+}
+
+impl ConsoleObserver {
+    fn new() -> Self {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {pos} resources ({per_sec}) {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Self {
+            bar,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl LoadObserver for ConsoleObserver {
+    fn progress(&mut self, report: &LoadReport) {
+        self.bar.set_position(report.loaded);
+        self.bar
+            .set_message(format!("{:.1} MB read", report.bytes as f64 / 1e6));
+    }
+
+    fn rejected(&mut self, rejection: &Rejection) {
+        self.bar
+            .suspend(|| eprintln!("{}: {}", rejection.origin, rejection.reason));
+    }
+}
+
+async fn load_into(
+    paths: &[PathBuf],
+    target: Target,
+    limits: BatchLimits,
+) -> anyhow::Result<(LoadReport, Duration)> {
+    let files = hearth_load::expand_paths(paths)?;
+    let mut observer = ConsoleObserver::new();
+    let report = hearth_load::load(files, target, limits, &mut observer).await?;
+    observer.bar.finish_and_clear();
+    Ok((report, observer.started.elapsed()))
+}
+
+fn print_summary(report: &LoadReport, elapsed: Duration) {
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>10}",
+        "type", "created", "updated", "unchanged", "deleted"
+    );
+    for (resource_type, c) in &report.by_type {
+        println!(
+            "{resource_type:<24} {:>10} {:>10} {:>10} {:>10}",
+            c.created, c.updated, c.unchanged, c.deleted
+        );
+    }
+    let seconds = elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "loaded {} resources from {} files ({:.1} MB) in {:.2} s: {:.0} resources/s; rejected {}",
+        report.loaded,
+        report.files,
+        report.bytes as f64 / 1e6,
+        seconds,
+        report.loaded as f64 / seconds,
+        report.rejected
+    );
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    let limits = BatchLimits {
+        resources: args.batch_resources.max(1),
+        ..BatchLimits::default()
+    };
+    let (report, elapsed) = match (&args.data, &args.server) {
+        (_, Some(server)) => {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(600))
+                .build()?;
+            let target = Target::Server {
+                base_url: server.clone(),
+                client,
+            };
+            load_into(&args.paths, target, limits).await?
+        }
+        (data, None) => {
+            let data = data
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("./hearth-data"));
+            let store = open_store(&data).await?;
+            let result = load_into(&args.paths, Target::Store(store.clone()), limits).await;
+            store.close().await.context("closing the store")?;
+            result?
+        }
+    };
+    print_summary(&report, elapsed);
+    Ok(if report.rejected > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&args.serve.data).await?;
+    if store.seq_at(i64::MAX).await? == 0 {
+        let synth_dir = args.serve.data.join("demo-ndjson");
+        tracing::info!(patients = args.patients, dir = %synth_dir.display(), "synthesizing a demo population");
+        let config = hearth_synth::SynthConfig {
+            patients: args.patients,
+            seed: 1,
+        };
+        let dir = synth_dir.clone();
+        tokio::task::spawn_blocking(move || hearth_synth::write_ndjson_dir(&config, &dir))
+            .await?
+            .context("synthesizing the demo population")?;
+        let (report, elapsed) = load_into(
+            std::slice::from_ref(&synth_dir),
+            Target::Store(store.clone()),
+            BatchLimits::default(),
+        )
+        .await?;
+        print_summary(&report, elapsed);
+        let _ = std::fs::remove_dir_all(&synth_dir);
+    } else {
+        tracing::info!("the data directory already holds data; serving it as it is");
+    }
+    serve_store(args.serve, store).await
+}
