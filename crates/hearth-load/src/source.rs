@@ -97,10 +97,7 @@ impl fmt::Display for Origin {
 
 /// Calls `each` with every resource of `path` (raw JSON bytes) or with the reason an item
 /// could not be read. I/O errors that end the file are returned.
-pub fn read_file(
-    path: &Path,
-    each: &mut dyn ItemSink,
-) -> Result<(), LoadError> {
+pub fn read_file(path: &Path, each: &mut dyn ItemSink) -> Result<(), LoadError> {
     let io = |source| LoadError::Io {
         path: path.display().to_string(),
         source,

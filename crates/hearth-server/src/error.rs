@@ -37,6 +37,12 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{message}")]
     TooManyRequests { message: String, retry_after: u64 },
+    /// `416`: a `Range` outside the file.
+    #[error("the requested range is not within the {len} bytes of the file")]
+    RangeNotSatisfiable { len: u64 },
+    /// `500`: an export job failed; the message is the job's own.
+    #[error("the export failed: {0}")]
+    JobFailed(String),
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
     #[error(transparent)]
@@ -75,6 +81,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            Self::JobFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Store(StoreError::Entry { error, .. }) => write_error_status(error),
             Self::Store(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -92,6 +100,8 @@ impl ApiError {
             Self::PreconditionFailed(_) => "conflict",
             Self::PayloadTooLarge { .. } => "too-long",
             Self::TooManyRequests { .. } => "throttled",
+            Self::RangeNotSatisfiable { .. } => "invalid",
+            Self::JobFailed(_) => "exception",
             Self::Store(StoreError::Entry { .. }) => "conflict",
             Self::Store(_) | Self::Internal(_) => "exception",
         };
@@ -137,8 +147,16 @@ impl IntoResponse for ApiError {
         let mut response = (status, operation_outcome(&[self.issue()])).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-        if let Self::TooManyRequests { retry_after, .. } = self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        match self {
+            Self::TooManyRequests { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            Self::RangeNotSatisfiable { len } => {
+                if let Ok(value) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    headers.insert(header::CONTENT_RANGE, value);
+                }
+            }
+            _ => {}
         }
         response
     }

@@ -6,12 +6,14 @@
 //! - [`rest`]: create, read, vread, update, delete, history.
 //! - [`search`]: type-level search with keyset paging.
 //! - [`bundle`]: transaction and batch Bundles.
-//! - [`capability`]: `GET /metadata`.
+//! - [`capability`]: `GET /metadata` and the OperationDefinitions Hearth serves.
+//! - [`export`]: the Bulk Data endpoints (kick-off, status, cancel, downloads).
 //! - [`http_util`]: negotiation, bodies and headers shared by the handlers.
 
 pub mod bundle;
 pub mod capability;
 pub mod error;
+pub mod export;
 pub mod http_util;
 pub mod rest;
 pub mod search;
@@ -24,7 +26,8 @@ use axum::body::Bytes;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hearth_store::Store;
+use hearth_export::ExportEngine;
+use hearth_store::Backend;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -41,22 +44,26 @@ pub struct ServerConfig {
     pub base_url: String,
     /// Larger request bodies are refused with `413`.
     pub max_body_bytes: usize,
+    /// Accept an export kick-off without an `Accept` header.
+    pub lenient_headers: bool,
 }
 
 /// Shared by every request.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn Backend>,
+    pub engine: ExportEngine,
     pub config: Arc<ServerConfig>,
     capability: Arc<Bytes>,
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Self {
+    pub fn new(store: Arc<dyn Backend>, engine: ExportEngine, config: ServerConfig) -> Self {
         let started = hearth_fhir::instant::format_instant(hearth_fhir::instant::now_micros());
         let capability = capability::capability_statement(&config.base_url, &started);
         Self {
             store,
+            engine,
             config: Arc::new(config),
             capability: Arc::new(Bytes::from(capability)),
         }
@@ -80,6 +87,25 @@ pub fn router(state: AppState) -> Router {
     let fhir = Router::new()
         .route("/", post(bundle::process))
         .route("/metadata", get(capability::metadata))
+        .route("/$export", get(export::kick_off).post(export::kick_off))
+        .route(
+            "/$export-poll-status",
+            get(export::poll_status)
+                .post(export::poll_status)
+                .delete(export::poll_status),
+        )
+        .route(
+            "/Binary/{id}",
+            get(export::binary)
+                .put(rest::update_binary)
+                .delete(rest::delete_binary),
+        )
+        .route(
+            "/OperationDefinition/{id}",
+            get(capability::operation_definition)
+                .put(rest::update_operation_definition)
+                .delete(rest::delete_operation_definition),
+        )
         .route("/{type}", get(search::search).post(rest::create))
         .route(
             "/{type}/{id}",

@@ -397,3 +397,45 @@ pub async fn history(
     }
     Ok(response)
 }
+
+/// `Binary/{id}` and `OperationDefinition/{id}` have routes of their own (export files, served
+/// definitions); their other interactions are the ordinary ones.
+pub async fn update_binary(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    update(state, Path(("Binary".to_owned(), id)), headers, body).await
+}
+
+pub async fn delete_binary(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    delete(state, Path(("Binary".to_owned(), id)), headers).await
+}
+
+pub async fn update_operation_definition(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    update(
+        state,
+        Path(("OperationDefinition".to_owned(), id)),
+        headers,
+        body,
+    )
+    .await
+}
+
+pub async fn delete_operation_definition(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    delete(state, Path(("OperationDefinition".to_owned(), id)), headers).await
+}

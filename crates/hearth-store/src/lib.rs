@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`model`]: what goes in and comes out (write operations, stored versions, search pages).
 //! - [`error`]: the store's error types.
+//! - [`jobs`]: durable export jobs, work units with leases, and their files.
 //! - [`sqlite`]: the embedded backend (one writer thread, a pool of readers, WAL mode).
 //!
 //! Every write gets a **change sequence** number (`seq`) and a strictly increasing
@@ -12,6 +13,7 @@
 //! over one index.
 
 pub mod error;
+pub mod jobs;
 pub mod model;
 pub mod sqlite;
 
@@ -23,6 +25,10 @@ pub use model::{
     BatchMode, SearchPage, SearchQuery, Seq, StoredVersion, WriteKind, WriteOp, Written,
 };
 pub use sqlite::SqliteStore;
+
+/// Everything a Hearth server needs from its storage.
+pub trait Backend: Store + jobs::JobStore + jobs::ScanSource {}
+impl<T: Store + jobs::JobStore + jobs::ScanSource> Backend for T {}
 
 /// What every storage backend offers. Methods never block the async runtime.
 #[async_trait]

@@ -36,7 +36,12 @@ fn main() -> std::io::Result<()> {
         );
     }
     per_patient.sort_unstable();
-    let pct = |p: usize| per_patient.get(per_patient.len() * p / 100).copied().unwrap_or(0);
+    let pct = |p: usize| {
+        per_patient
+            .get(per_patient.len() * p / 100)
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "resources: {}  bytes: {}  bytes/resource: {:.0}  resources/patient: {:.0}  bytes/patient: {:.0}",
         summary.resources,

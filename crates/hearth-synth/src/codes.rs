@@ -211,6 +211,53 @@ pub(crate) const PANEL_A1C: Panel = Panel {
     )],
 };
 
+pub(crate) const PANEL_HH: Panel = Panel {
+    code: c("24360-0", "Hemoglobin and Hematocrit panel - Blood"),
+    members: &[
+        lab(
+            "718-7",
+            "Hemoglobin [Mass/volume] in Blood",
+            "g/dL",
+            1,
+            120,
+            170,
+        ),
+        lab(
+            "4544-3",
+            "Hematocrit [Volume Fraction] of Blood by Automated count",
+            "%",
+            1,
+            360,
+            500,
+        ),
+    ],
+};
+
+/// A qualitative point-of-care test (LOINC) and its SNOMED CT results.
+pub(crate) struct RapidTest {
+    pub code: Code,
+    pub positive: Code,
+    pub negative: Code,
+}
+
+pub(crate) const TEST_STREP: RapidTest = RapidTest {
+    code: c(
+        "78012-2",
+        "Streptococcus pyogenes Ag [Presence] in Throat by Rapid immunoassay",
+    ),
+    positive: c("10828004", "Positive (qualifier value)"),
+    negative: c("260385009", "Negative (qualifier value)"),
+};
+
+pub(crate) const TEST_COVID: RapidTest = RapidTest {
+    code: c(
+        "94500-6",
+        "SARS-CoV-2 (COVID-19) RNA [Presence] in Respiratory specimen by NAA with probe detection",
+    ),
+    positive: c("260373001", "Detected (qualifier value)"),
+    negative: c("260415000", "Not detected (qualifier value)"),
+};
+
 // ---- Conditions (SNOMED CT) -----------------------------------------------
 
 pub(crate) const ACUTE_CONDITIONS: [Code; 7] = [

@@ -61,7 +61,7 @@ const CAT_SURVEY: &[u8] = br#"[{"coding":[{"system":"http://terminology.hl7.org/
 
 /// Cumulative share of adult height reached at each age in years (0..=17).
 const GROWTH_PERMILLE: [i64; 18] = [
-    300, 450, 520, 570, 610, 650, 690, 720, 760, 790, 820, 850, 880, 920, 950, 970, 980, 990,
+    380, 470, 540, 570, 610, 650, 690, 720, 760, 790, 820, 850, 880, 920, 950, 970, 980, 990,
 ];
 
 /// Integer-only sampling helpers over ChaCha8 (no floating point, so values
@@ -157,8 +157,14 @@ struct ActiveChronic {
 
 struct LabResult {
     id: Id,
-    lab: Lab,
-    value: i64,
+    display: &'static str,
+    value: LabValue,
+}
+
+#[derive(Clone, Copy)]
+enum LabValue {
+    Quantity { value: i64, lab: Lab },
+    Coded(Code),
 }
 
 #[derive(Clone, Copy)]
@@ -232,11 +238,11 @@ impl<'c> PatientGen<'c> {
         // Encounters per year vary a lot between people; this spread is what
         // gives some patients ~50 resources and others ~1000.
         let rate_permille = match self.rng.below(100) {
-            0..25 => 200,
-            25..70 => 500,
-            70..92 => 950,
-            _ => 1800,
-        } + self.rng.below(150);
+            0..25 => 160,
+            25..70 => 400,
+            70..92 => 800,
+            _ => 1500,
+        } + self.rng.below(120);
         let span_permille = (last - p.birth).max(0) as u64 * 1000 / YEAR as u64;
         let count = (1 + span_permille * rate_permille / 1_000_000).min(MAX_ENCOUNTERS);
         self.times.clear();
@@ -540,8 +546,8 @@ impl<'c> PatientGen<'c> {
 
         // Decide the diagnosis up front: the Encounter cites it as reasonCode.
         let diagnosis = match kind {
-            Kind::Sick if self.rng.chance(800) => Some(self.acute_condition(start)),
-            Kind::Emergency if self.rng.chance(750) => Some(self.rng.pick(&codes::INJURIES)),
+            Kind::Sick if self.rng.chance(420) => Some(self.acute_condition(start)),
+            Kind::Emergency if self.rng.chance(600) => Some(self.rng.pick(&codes::INJURIES)),
             Kind::Inpatient if self.rng.chance(600) => Some(if self.rng.chance(500) {
                 self.rng.pick(&codes::INJURIES)
             } else {
@@ -574,21 +580,33 @@ impl<'c> PatientGen<'c> {
             Kind::Wellness => self.wellness(p, &enc, b, sink)?,
             Kind::Sick => {
                 let t = enc.start + 5 * 60;
-                if self.rng.chance(700) {
+                if self.rng.chance(600) {
                     let fever = diagnosis.is_some() && self.rng.chance(600);
                     self.temperature(p, &enc, t, fever, b, sink)?;
                 }
-                if self.rng.chance(500) {
+                if self.rng.chance(400) {
                     self.heart_rate(p, &enc, t, b, sink)?;
                 }
-                if self.rng.chance(250) {
+                if self.rng.chance(150) {
                     self.spo2(p, &enc, t, b, sink)?;
                 }
-                if self.rng.chance(250) {
+                if self.rng.chance(300) {
                     let code = self.rng.pick(&codes::PROC_SICK);
                     self.procedure(p, &enc, &code, condition_id, b, sink)?;
                 }
-                if self.rng.chance(600) {
+                // Rapid tests: positive exactly when they confirm the diagnosis.
+                if self.rng.chance(450) {
+                    let code = diagnosis.map_or("", |d| d.code);
+                    let covid_era = enc.start >= COVID_START;
+                    if code == "840539006"
+                        || (covid_era && !matches!(code, "43878008" | "195662009"))
+                    {
+                        self.rapid_test(p, &enc, &codes::TEST_COVID, code == "840539006", b, sink)?;
+                    } else {
+                        self.rapid_test(p, &enc, &codes::TEST_STREP, code == "43878008", b, sink)?;
+                    }
+                }
+                if self.rng.chance(450) {
                     let bacterial = diagnosis
                         .is_some_and(|d| matches!(d.code, "43878008" | "75498004" | "65363002"));
                     let med = if bacterial {
@@ -616,7 +634,7 @@ impl<'c> PatientGen<'c> {
                         self.lab_panel(p, &enc, panel, b, sink)?;
                     }
                     let meds = codes::CHRONIC[index].meds;
-                    if !meds.is_empty() && self.rng.chance(850) {
+                    if !meds.is_empty() && self.rng.chance(700) {
                         let n = self.rng.below(meds.len() as u64) as usize;
                         if let Some(med) = meds.get(n) {
                             self.medication(p, &enc, med, Some(cond_id), true, b, sink)?;
@@ -632,16 +650,20 @@ impl<'c> PatientGen<'c> {
                             sink,
                         )?;
                     }
+                    // Flu shots are offered at any routine visit.
+                    if self.rng.chance(300) {
+                        self.immunization(p, &enc, &codes::VAX_FLU, b, sink)?;
+                    }
                 }
             }
             Kind::Emergency => {
                 let t = enc.start + 10 * 60;
                 self.heart_rate(p, &enc, t, b, sink)?;
                 self.blood_pressure(p, &enc, t, b, sink)?;
-                if age >= 5 {
+                if age >= 5 && self.rng.chance(700) {
                     self.pain(p, &enc, t, b, sink)?;
                 }
-                if self.rng.chance(400) {
+                if self.rng.chance(200) {
                     self.temperature(p, &enc, t, false, b, sink)?;
                 }
                 for _ in 0..1 + u64::from(self.rng.chance(400)) {
@@ -657,8 +679,8 @@ impl<'c> PatientGen<'c> {
                 }
             }
             Kind::Inpatient => {
-                let days = (enc.end - enc.start) / DAY;
-                for d in 0..days.max(1) {
+                let days = ((enc.end - enc.start) / DAY).clamp(1, 2);
+                for d in 0..days {
                     let t = enc.start + d * DAY + 2 * 3600;
                     self.heart_rate(p, &enc, t, b, sink)?;
                     self.blood_pressure(p, &enc, t, b, sink)?;
@@ -696,7 +718,7 @@ impl<'c> PatientGen<'c> {
 
         b.clear();
         let id = self.next_id(Rt::Provenance);
-        self.provenance(&enc, id, b);
+        self.provenance(p, &enc, id, b);
         sink.put(Rt::Provenance, b)
     }
 
@@ -727,10 +749,11 @@ impl<'c> PatientGen<'c> {
         if age >= 3 {
             self.blood_pressure(p, enc, t, b, sink)?;
         }
-        self.heart_rate(p, enc, t, b, sink)?;
-        self.respiratory_rate(p, enc, t, b, sink)?;
+        if self.rng.chance(800) {
+            self.heart_rate(p, enc, t, b, sink)?;
+        }
         if self.rng.chance(250) {
-            self.temperature(p, enc, t, false, b, sink)?;
+            self.respiratory_rate(p, enc, t, b, sink)?;
         }
         if age >= 12 {
             self.smoking(p, enc, t, b, sink)?;
@@ -751,11 +774,12 @@ impl<'c> PatientGen<'c> {
 
         if age >= 18 && self.rng.chance(420) {
             let diabetic = self.chronic.iter().any(|c| c.index == codes::DIABETES);
-            let panel = match self.rng.below(if diabetic { 4 } else { 3 }) {
-                0 => &codes::PANEL_LIPID,
-                1 => &codes::PANEL_CBC,
-                2 => &codes::PANEL_BMP,
-                _ => &codes::PANEL_A1C,
+            let panel = match self.rng.below(100) {
+                0..35 => &codes::PANEL_LIPID,
+                35..50 => &codes::PANEL_CBC,
+                50..65 => &codes::PANEL_BMP,
+                65..80 if diabetic => &codes::PANEL_A1C,
+                _ => &codes::PANEL_HH,
             };
             self.lab_panel(p, enc, panel, b, sink)?;
         } else if age < 18 && self.rng.chance(80) {
@@ -770,7 +794,7 @@ impl<'c> PatientGen<'c> {
                 self.immunization(p, enc, &vax, b, sink)?;
             }
         } else if age < 18 {
-            if self.rng.chance(500) {
+            if self.rng.chance(700) {
                 let vax = self.rng.pick(&codes::VAX_CHILD);
                 self.immunization(p, enc, &vax, b, sink)?;
             }
@@ -778,7 +802,7 @@ impl<'c> PatientGen<'c> {
                 self.immunization(p, enc, &codes::VAX_FLU, b, sink)?;
             }
         } else {
-            if self.rng.chance(550) {
+            if self.rng.chance(650) {
                 self.immunization(p, enc, &codes::VAX_FLU, b, sink)?;
             }
             if enc.start >= COVID_VAX_START && self.rng.chance(300) {
@@ -796,7 +820,7 @@ impl<'c> PatientGen<'c> {
         }
 
         let screenings = if age >= 18 {
-            u64::from(self.rng.chance(650)) + u64::from(self.rng.chance(350))
+            u64::from(self.rng.chance(750)) + u64::from(self.rng.chance(450))
         } else {
             u64::from(self.rng.chance(300))
         };
@@ -1017,9 +1041,12 @@ impl<'c> PatientGen<'c> {
         b.raw(b",\"issued\":");
         let millis = self.rng.below(1000) as u32;
         b.instant(t + self.rng.between(0, 1800), millis);
-        b.raw(b",\"performer\":[");
-        pool::prac_ref(b, &enc.prac);
-        b.push(b']');
+        // Like Synthea, only lab results name a performer: the laboratory.
+        if category == CAT_LAB {
+            b.raw(b",\"performer\":[");
+            pool::org_ref(b, &enc.org);
+            b.push(b']');
+        }
     }
 
     /// A vital sign with one quantity value, optionally with a narrative.
@@ -1273,13 +1300,14 @@ impl<'c> PatientGen<'c> {
             b,
         );
         b.raw(b",\"valueCodeableConcept\":");
-        concept(b, SNOMED, &codes::SMOKING_STATUS[p.smoker]);
+        // Adolescents are recorded as never smokers whatever their adult habit.
+        let status = if enc.age < 16 { 0 } else { p.smoker };
+        concept(b, SNOMED, &codes::SMOKING_STATUS[status]);
         b.push(b'}');
         self.put(Rt::Observation, id, b, sink)
     }
 
-    /// Lab observations followed by the DiagnosticReport that groups them and
-    /// a Provenance naming the performing laboratory.
+    /// Lab observations followed by their DiagnosticReport.
     fn lab_panel(
         &mut self,
         p: &Person,
@@ -1334,31 +1362,93 @@ impl<'c> PatientGen<'c> {
             self.put(Rt::Observation, id, b, sink)?;
             self.labs.push(LabResult {
                 id,
-                lab: *lab,
-                value,
+                display: lab.code.display,
+                value: LabValue::Quantity { value, lab: *lab },
             });
         }
+        self.report(p, enc, &panel.code, t, b, sink)
+    }
 
+    /// A point-of-care test with a qualitative result, and its report.
+    fn rapid_test(
+        &mut self,
+        p: &Person,
+        enc: &Enc,
+        test: &codes::RapidTest,
+        positive: bool,
+        b: &mut Vec<u8>,
+        sink: &mut Sink<'_>,
+    ) -> io::Result<()> {
+        let t = enc.start + self.rng.between(5, 20) * 60;
+        let result = if positive {
+            test.positive
+        } else {
+            test.negative
+        };
+        self.labs.clear();
+        let id = self.next_id(Rt::Observation);
+        self.obs_head(p, enc, &id, t, P_LAB, CAT_LAB, &test.code, b);
+        b.raw(b",\"valueCodeableConcept\":");
+        concept(b, SNOMED, &result);
+        if positive {
+            b.raw(b",\"interpretation\":[");
+            concept_no_text(
+                b,
+                "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                "POS",
+                "Positive",
+            );
+            b.push(b']');
+        }
+        b.push(b'}');
+        self.put(Rt::Observation, id, b, sink)?;
+        self.labs.push(LabResult {
+            id,
+            display: test.code.display,
+            value: LabValue::Coded(result),
+        });
+        self.report(p, enc, &test.code, t, b, sink)
+    }
+
+    /// The DiagnosticReport over `self.labs`, then a Provenance naming the
+    /// performing laboratory.
+    fn report(
+        &mut self,
+        p: &Person,
+        enc: &Enc,
+        code: &Code,
+        t: i64,
+        b: &mut Vec<u8>,
+        sink: &mut Sink<'_>,
+    ) -> io::Result<()> {
         let report = self.next_id(Rt::DiagnosticReport);
         b.clear();
         begin(b, Rt::DiagnosticReport, &report, P_REPORT);
         begin_narrative(b);
         b.raw(b"<p><b>");
-        b.str_inner(panel.code.display);
+        b.str_inner(code.display);
         b.raw(b"</b> (");
         b.date_inner(t);
         b.raw(b")</p><table><tr><th>Test</th><th>Result</th><th>Reference range</th></tr>");
         for r in &self.labs {
             b.raw(b"<tr><td>");
-            b.str_inner(r.lab.code.display);
+            b.str_inner(r.display);
             b.raw(b"</td><td>");
-            b.decimal(r.value, r.lab.scale);
-            b.push(b' ');
-            b.str_inner(r.lab.unit);
-            b.raw(b"</td><td>");
-            b.decimal(r.lab.low, r.lab.scale);
-            b.raw(b" - ");
-            b.decimal(r.lab.high, r.lab.scale);
+            match r.value {
+                LabValue::Quantity { value, lab } => {
+                    b.decimal(value, lab.scale);
+                    b.push(b' ');
+                    b.str_inner(lab.unit);
+                    b.raw(b"</td><td>");
+                    b.decimal(lab.low, lab.scale);
+                    b.raw(b" - ");
+                    b.decimal(lab.high, lab.scale);
+                }
+                LabValue::Coded(c) => {
+                    b.str_inner(c.display);
+                    b.raw(b"</td><td>");
+                }
+            }
             b.raw(b"</td></tr>");
         }
         b.raw(b"</table>");
@@ -1371,7 +1461,7 @@ impl<'c> PatientGen<'c> {
             "Laboratory",
         );
         b.raw(b"],\"code\":");
-        concept(b, LOINC, &panel.code);
+        concept(b, LOINC, code);
         b.raw(b",\"subject\":");
         self.patient_ref(b, p);
         b.raw(b",\"encounter\":");
@@ -1390,7 +1480,7 @@ impl<'c> PatientGen<'c> {
             if n > 0 {
                 b.push(b',');
             }
-            reference(b, Rt::Observation, &r.id, Some(r.lab.code.display));
+            reference(b, Rt::Observation, &r.id, Some(r.display));
         }
         b.raw(b"]}");
         self.put(Rt::DiagnosticReport, report, b, sink)?;
@@ -1405,6 +1495,7 @@ impl<'c> PatientGen<'c> {
             b.push(b',');
             b.reference(Rt::Observation.name(), &r.id);
         }
+        patient_target(b, p);
         b.raw(b"],\"occurredDateTime\":");
         b.datetime(t);
         b.raw(b",\"recorded\":");
@@ -1659,13 +1750,16 @@ impl<'c> PatientGen<'c> {
             n.push(b'.');
         }
         n.raw(b"\n\n# Social History\n");
-        n.raw(match p.marital {
+        // Status at the time of the note, not today's.
+        let marital = if enc.age < 18 { 1 } else { p.marital };
+        let smoker = if enc.age < 16 { 0 } else { p.smoker };
+        n.raw(match marital {
             0 => b"Patient is married." as &[u8],
             2 => b"Patient is divorced.",
             3 => b"Patient is widowed.",
             _ => b"Patient has never married.",
         });
-        n.raw(match p.smoker {
+        n.raw(match smoker {
             0 => b" Patient has never smoked." as &[u8],
             1 => b" Patient is an ex-smoker.",
             _ => b" Patient is an active smoker.",
@@ -1763,13 +1857,55 @@ impl<'c> PatientGen<'c> {
         b.raw(b"],\"period\":");
         period(b, enc.start, enc.end);
         b.raw(b"}}");
-        self.put(Rt::DocumentReference, id, b, sink)
+        self.put(Rt::DocumentReference, id, b, sink)?;
+
+        // Clinical notes carry their own attestation, separate from the
+        // encounter's record-keeping provenance.
+        let prov = self.next_id(Rt::Provenance);
+        b.clear();
+        begin(b, Rt::Provenance, &prov, P_PROVENANCE);
+        b.raw(b",\"target\":[");
+        b.reference(Rt::DocumentReference.name(), &id);
+        patient_target(b, p);
+        b.raw(b"],\"recorded\":");
+        b.instant(enc.end, 0);
+        b.raw(b",\"activity\":");
+        concept_no_text(
+            b,
+            "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+            "CREATE",
+            "create",
+        );
+        b.raw(b",\"agent\":[{\"type\":");
+        concept_no_text(
+            b,
+            "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+            "attester",
+            "Attester",
+        );
+        b.raw(b",\"who\":");
+        pool::prac_ref(b, &enc.prac);
+        b.raw(b",\"onBehalfOf\":");
+        pool::org_ref(b, &enc.org);
+        b.raw(b"}],\"signature\":[{\"type\":[");
+        coding(
+            b,
+            "urn:iso-astm:E1762-95:2013",
+            "1.2.840.10065.1.12.1.5",
+            "Verification Signature",
+        );
+        b.raw(b"],\"when\":");
+        b.instant(enc.end, 0);
+        b.raw(b",\"who\":");
+        pool::prac_ref(b, &enc.prac);
+        b.raw(b"}]}");
+        sink.put(Rt::Provenance, b)
     }
 
     // ---- Provenance ------------------------------------------------------
 
     /// Who recorded the encounter and everything produced during it.
-    fn provenance(&mut self, enc: &Enc, id: Id, b: &mut Vec<u8>) {
+    fn provenance(&mut self, p: &Person, enc: &Enc, id: Id, b: &mut Vec<u8>) {
         begin(b, Rt::Provenance, &id, P_PROVENANCE);
         b.raw(b",\"target\":[");
         for (n, (rt, target)) in self.refs.iter().enumerate() {
@@ -1778,6 +1914,7 @@ impl<'c> PatientGen<'c> {
             }
             b.reference(rt.name(), target);
         }
+        patient_target(b, p);
         b.raw(b"],\"occurredPeriod\":");
         period(b, enc.start, enc.end);
         b.raw(b",\"recorded\":");
@@ -1815,4 +1952,14 @@ impl<'c> PatientGen<'c> {
 
 fn lower_into(out: &mut Vec<u8>, s: &str) {
     out.extend(s.bytes().map(|c| c.to_ascii_lowercase()));
+}
+
+/// Appends the patient to a Provenance's (non-empty) target list.
+///
+/// R4 places a Provenance in a Patient compartment only through a `target`
+/// that is the Patient (as Synthea's own Provenance does); without it,
+/// patient-level `$export` would silently leave every Provenance out.
+fn patient_target(b: &mut Vec<u8>, p: &Person) {
+    b.push(b',');
+    b.reference(Rt::Patient.name(), &p.id);
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use hearth_export::{EngineConfig, ExportEngine};
 use hearth_load::{BatchLimits, LoadObserver, LoadReport, Rejection, Target};
 use hearth_server::{AppState, FHIR_PATH, ServerConfig};
 use hearth_store::{SqliteStore, Store};
@@ -54,6 +55,41 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "HEARTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Export worker threads (default: the number of cores).
+    #[arg(long, env = "HEARTH_EXPORT_WORKERS")]
+    export_workers: Option<usize>,
+    /// Export files roll over before they exceed this many bytes.
+    #[arg(long, env = "HEARTH_MAX_FILE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    max_file_bytes: u64,
+    /// How long export files and jobs are kept after completion (e.g. 24h, 90m, 3600s).
+    #[arg(long, env = "HEARTH_EXPORT_TTL", default_value = "24h", value_parser = parse_duration)]
+    export_ttl: Duration,
+    /// Unfinished exports one client may have before kick-offs answer 429.
+    #[arg(long, env = "HEARTH_MAX_ACTIVE_EXPORTS", default_value_t = 16)]
+    max_active_exports: u64,
+    /// Accept export kick-offs that have no Accept header.
+    #[arg(long, env = "HEARTH_LENIENT_HEADERS")]
+    lenient_headers: bool,
+}
+
+/// `90`, `90s`, `15m`, `24h` or `2d`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 24h"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        "d" => number * 86_400,
+        _ => return Err(format!("'{text}': use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(seconds))
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -193,15 +229,36 @@ async fn serve_store(args: ServeArgs, store: Arc<SqliteStore>) -> anyhow::Result
         .unwrap_or_else(|| format!("http://{local}{FHIR_PATH}"))
         .trim_end_matches('/')
         .to_owned();
-    tracing::info!(%base_url, data = %args.data.display(), "Hearth is serving FHIR R4");
+    let workers = args
+        .export_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let engine = ExportEngine::start(
+        store.clone(),
+        EngineConfig {
+            export_dir: args.data.join("exports"),
+            base_url: base_url.clone(),
+            workers,
+            max_file_bytes: args.max_file_bytes,
+            ttl: args.export_ttl,
+            max_active_exports: args.max_active_exports,
+            requires_access_token: false,
+            rows_per_unit: 100_000,
+        },
+    )
+    .await
+    .context("starting the export engine")?;
+    tracing::info!(%base_url, data = %args.data.display(), workers, "Hearth is serving FHIR R4");
     let state = AppState::new(
         store.clone(),
+        engine.clone(),
         ServerConfig {
             base_url,
             max_body_bytes: args.max_body_bytes,
+            lenient_headers: args.lenient_headers,
         },
     );
     hearth_server::serve(listener, state, shutdown_signal()).await?;
+    engine.shutdown().await;
     store.close().await.context("closing the store")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

@@ -4,6 +4,7 @@
 //! `lastUpdated` values are handed out in commit order without locks. Readers take a connection
 //! from a small pool on tokio's blocking threads; SQLite work never runs on the async workers.
 
+mod jobs;
 mod read;
 mod schema;
 mod writer;
@@ -19,6 +20,7 @@ use crate::Store;
 use crate::error::{StoreError, WriteError};
 use crate::model::{BatchMode, SearchPage, SearchQuery, Seq, StoredVersion, WriteOp, Written};
 
+pub use jobs::scan;
 pub use schema::SCHEMA_VERSION;
 use writer::{Writer, WriterHandle};
 

@@ -37,6 +37,60 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (patient_id, seq)
     ) WITHOUT ROWID;
     "#,
+    // 2: durable export jobs, their work units and their files.
+    r#"
+    CREATE TABLE export_job (
+        id                  TEXT PRIMARY KEY,
+        client              TEXT    NOT NULL,
+        status              TEXT    NOT NULL,
+        request             TEXT    NOT NULL,
+        request_url         TEXT    NOT NULL,
+        snapshot_seq        INTEGER NOT NULL,
+        transaction_time    INTEGER NOT NULL,
+        created_at          INTEGER NOT NULL,
+        started_at          INTEGER,
+        completed_at        INTEGER,
+        expires_at          INTEGER,
+        polls               INTEGER NOT NULL DEFAULT 0,
+        manifest_shown      INTEGER NOT NULL DEFAULT 0,
+        estimated_resources INTEGER NOT NULL,
+        done_resources      INTEGER NOT NULL DEFAULT 0,
+        manifest            TEXT,
+        error               TEXT
+    );
+    CREATE INDEX export_job_by_client ON export_job (client, status);
+
+    CREATE TABLE export_unit (
+        job_id      TEXT    NOT NULL REFERENCES export_job (id) ON DELETE CASCADE,
+        unit_no     INTEGER NOT NULL,
+        res_type    TEXT    NOT NULL,
+        kind        TEXT    NOT NULL,
+        seq_after   INTEGER NOT NULL,
+        seq_upto    INTEGER NOT NULL,
+        -- pending | running | done
+        status      TEXT    NOT NULL DEFAULT 'pending',
+        lease_owner TEXT,
+        lease_until INTEGER,
+        -- Fencing token: a commit must name the attempt it claimed.
+        attempt     INTEGER NOT NULL DEFAULT 0,
+        resources   INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_id, unit_no)
+    ) WITHOUT ROWID;
+    CREATE INDEX export_unit_open ON export_unit (status) WHERE status <> 'done';
+
+    CREATE TABLE export_file (
+        id       TEXT PRIMARY KEY,
+        job_id   TEXT    NOT NULL REFERENCES export_job (id) ON DELETE CASCADE,
+        unit_no  INTEGER NOT NULL,
+        part     INTEGER NOT NULL,
+        res_type TEXT    NOT NULL,
+        kind     TEXT    NOT NULL,
+        path     TEXT    NOT NULL,
+        count    INTEGER NOT NULL,
+        bytes    INTEGER NOT NULL
+    );
+    CREATE INDEX export_file_by_job ON export_file (job_id, res_type, unit_no, part);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -50,7 +104,8 @@ pub fn configure(conn: &Connection) -> Result<(), StoreError> {
          PRAGMA synchronous = NORMAL;
          PRAGMA cache_size = -65536;
          PRAGMA temp_store = MEMORY;
-         PRAGMA busy_timeout = 10000;",
+         PRAGMA busy_timeout = 10000;
+         PRAGMA foreign_keys = ON;",
     )?;
     Ok(())
 }

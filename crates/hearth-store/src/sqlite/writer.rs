@@ -20,6 +20,13 @@ pub(crate) struct Clock {
 }
 
 impl Clock {
+    /// The last committed sequence number and a time stamp no earlier write exceeds; every
+    /// later write is stamped after it.
+    pub(crate) fn snapshot(&mut self) -> (Seq, Micros) {
+        self.last_updated = now_micros().max(self.last_updated);
+        (self.next_seq - 1, self.last_updated)
+    }
+
     /// The next sequence number and a `lastUpdated` later than every one handed out before,
     /// even if the system clock stepped back.
     fn tick(&mut self) -> (Seq, Micros) {
@@ -45,8 +52,12 @@ pub(crate) struct Writer;
 
 impl Writer {
     pub(crate) fn spawn(conn: Connection) -> Result<WriterHandle, StoreError> {
+        // The clock restarts past every lastUpdated and every transactionTime handed out, so
+        // a `_since` taken from an earlier manifest never misses a later write.
         let (last_seq, last_updated): (Seq, Micros) = conn.query_row(
-            "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(last_updated), 0) FROM resource_version",
+            "SELECT COALESCE((SELECT MAX(seq) FROM resource_version), 0),
+                    MAX(COALESCE((SELECT MAX(last_updated) FROM resource_version), 0),
+                        COALESCE((SELECT MAX(transaction_time) FROM export_job), 0))",
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;

@@ -1,0 +1,658 @@
+//! The export engine: kick-off, status, cancel, files, and the worker pool that does the work.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hearth_fhir::instant::{Micros, now_micros, write_instant};
+use hearth_fhir::outcome::{Issue, Severity, operation_outcome};
+use hearth_store::jobs::{
+    CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, NewJob, UnitCommit, UnitKind,
+};
+use hearth_store::{Backend, StoreError};
+use tokio::runtime::Handle;
+
+use crate::files::RollingWriter;
+use crate::manifest;
+use crate::planner::plan;
+use crate::request::{ExportRequest, ParameterError};
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Export files live under this directory, one sub-directory per job.
+    pub export_dir: PathBuf,
+    /// The FHIR base URL that file URLs in manifests start with.
+    pub base_url: String,
+    /// Worker threads of this process.
+    pub workers: usize,
+    /// Files roll over before they exceed this size.
+    pub max_file_bytes: u64,
+    /// How long files and job records live after completion.
+    pub ttl: Duration,
+    /// Unfinished jobs one client may have before kick-offs answer `429`.
+    pub max_active_exports: u64,
+    /// Whether downloads need a bearer token (the manifest says so).
+    pub requires_access_token: bool,
+    /// Planned size of a work unit, in resources.
+    pub rows_per_unit: u64,
+}
+
+/// Why a kick-off was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KickOffError {
+    #[error(transparent)]
+    Parameter(#[from] ParameterError),
+    #[error("{active} exports of this client are still running (limit {limit})")]
+    TooMany { active: u64, limit: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write the job's files: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a status request answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobView {
+    InProgress {
+        progress: String,
+        retry_after: u64,
+    },
+    Completed {
+        manifest: String,
+        expires_at: Micros,
+    },
+    Failed {
+        message: String,
+    },
+    NotFound,
+}
+
+/// What a download may serve.
+#[derive(Debug, Clone)]
+pub struct DownloadableFile {
+    pub path: PathBuf,
+    pub record: FileRecord,
+    pub job: JobRecord,
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const RENEW_AFTER: Duration = Duration::from_secs(10);
+/// Rows between checks for cancellation, shutdown and lease renewal: about a millisecond.
+const CHECK_EVERY_ROWS: u64 = 1024;
+
+/// Shared by the HTTP handlers and the workers.
+#[derive(Clone)]
+pub struct ExportEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    config: EngineConfig,
+    runtime: Handle,
+    instance: String,
+    /// Jobs cancelled through this process: workers stop within one check interval.
+    cancelled: Mutex<HashSet<String>>,
+    shutdown: AtomicBool,
+    wake: (Mutex<u64>, Condvar),
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn micros(duration: Duration) -> Micros {
+    duration.as_micros() as Micros
+}
+
+impl ExportEngine {
+    /// Starts the workers and the retention sweeper. Must be called inside a tokio runtime.
+    pub async fn start(
+        backend: Arc<dyn Backend>,
+        config: EngineConfig,
+    ) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.export_dir).map_err(|source| StoreError::DataDir {
+            path: config.export_dir.display().to_string(),
+            source,
+        })?;
+        // One process owns an embedded store: leases of an earlier life are void.
+        let released = backend.release_all_leases().await?;
+        if released > 0 {
+            tracing::info!(
+                units = released,
+                "resuming export units left by a previous run"
+            );
+        }
+        let engine = Self {
+            inner: Arc::new(Inner {
+                backend,
+                config,
+                runtime: Handle::current(),
+                instance: uuid::Uuid::new_v4().to_string(),
+                cancelled: Mutex::new(HashSet::new()),
+                shutdown: AtomicBool::new(false),
+                wake: (Mutex::new(0), Condvar::new()),
+                workers: Mutex::new(Vec::new()),
+            }),
+        };
+        engine.sweep().await;
+        let mut workers = Vec::new();
+        for number in 0..engine.inner.config.workers.max(1) {
+            let inner = Arc::clone(&engine.inner);
+            let worker = std::thread::Builder::new()
+                .name(format!("hearth-export-{number}"))
+                .spawn(move || inner.work(number))
+                .map_err(|e| StoreError::Internal(format!("cannot start an export worker: {e}")))?;
+            workers.push(worker);
+        }
+        if let Ok(mut slot) = engine.inner.workers.lock() {
+            *slot = workers;
+        }
+        let sweeper = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            tick.tick().await;
+            while !sweeper.inner.shutdown.load(Ordering::Relaxed) {
+                tick.tick().await;
+                sweeper.sweep().await;
+            }
+        });
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Stops the workers; units in progress are left to the next start.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.inner.wake.1.notify_all();
+        let workers = self
+            .inner
+            .workers
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        let _ = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        })
+        .await;
+    }
+
+    /// Records a job for `request` and returns its id.
+    pub async fn kick_off(
+        &self,
+        request: ExportRequest,
+        client: &str,
+    ) -> Result<String, KickOffError> {
+        let inner = &self.inner;
+        let limit = inner.config.max_active_exports;
+        let active = inner.backend.active_jobs(client).await?;
+        if active >= limit {
+            return Err(KickOffError::TooMany { active, limit });
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let snapshot = inner.backend.snapshot().await?;
+        let planned = plan(
+            inner.backend.as_ref(),
+            &request,
+            snapshot,
+            inner.config.rows_per_unit,
+        )
+        .await?;
+        let files = self.write_ignored_report(&id, &request)?;
+        inner
+            .backend
+            .insert_job(NewJob {
+                id: id.clone(),
+                client: client.to_owned(),
+                request: serde_json::to_string(&request)
+                    .map_err(|e| StoreError::Internal(e.to_string()))?,
+                request_url: request.request_url.clone(),
+                snapshot,
+                created_at: now_micros(),
+                estimated_resources: planned.estimated_resources,
+                units: planned.units,
+                files,
+            })
+            .await?;
+        tracing::info!(job = %id, client, resources = planned.estimated_resources, "export job queued");
+        if let Ok(mut generation) = inner.wake.0.lock() {
+            *generation += 1;
+        }
+        inner.wake.1.notify_all();
+        Ok(id)
+    }
+
+    /// The lenient-mode report: one OperationOutcome per ignored parameter.
+    fn write_ignored_report(
+        &self,
+        job_id: &str,
+        request: &ExportRequest,
+    ) -> std::io::Result<Vec<FileRecord>> {
+        if request.ignored.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.inner.config.export_dir.join(job_id);
+        std::fs::create_dir_all(&dir)?;
+        let mut writer = RollingWriter::new(&dir, "errors", u64::MAX);
+        for ignored in &request.ignored {
+            writer.write_line(&operation_outcome(&[Issue::new(
+                Severity::Warning,
+                "not-supported",
+                ignored.reason.clone(),
+            )
+            .at(ignored.name.clone())]))?;
+        }
+        Ok(writer
+            .finish()?
+            .into_iter()
+            .map(|file| FileRecord {
+                id: uuid::Uuid::new_v4().to_string(),
+                job_id: job_id.to_owned(),
+                unit_no: -1,
+                part: file.part,
+                resource_type: "OperationOutcome".into(),
+                kind: "error".into(),
+                path: format!("{job_id}/{}", file.name),
+                count: file.count,
+                bytes: file.bytes,
+            })
+            .collect())
+    }
+
+    /// What the status URL answers now. Reads stored state; writes only to count the first
+    /// poll and to remember that the manifest was shown.
+    pub async fn status(&self, id: &str) -> Result<JobView, StoreError> {
+        let backend = &self.inner.backend;
+        let Some(job) = backend.job(id).await? else {
+            return Ok(JobView::NotFound);
+        };
+        let now = now_micros();
+        if job.status == JobStatus::Cancelled || job.expires_at.is_some_and(|e| e < now) {
+            return Ok(JobView::NotFound);
+        }
+        // Clients always see the running state once, however fast the job was.
+        if job.polls == 0 {
+            backend.record_poll(id, false).await?;
+            return Ok(in_progress(&job, now));
+        }
+        match job.status {
+            JobStatus::Completed => {
+                if !job.manifest_shown {
+                    backend.record_poll(id, true).await?;
+                }
+                Ok(JobView::Completed {
+                    manifest: job.manifest.unwrap_or_default(),
+                    expires_at: job.expires_at.unwrap_or(now),
+                })
+            }
+            JobStatus::Failed => Ok(JobView::Failed {
+                message: job.error.unwrap_or_else(|| "the export failed".into()),
+            }),
+            _ => Ok(in_progress(&job, now)),
+        }
+    }
+
+    /// DELETE on the status URL.
+    pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
+        let outcome = self.inner.backend.cancel_job(id).await?;
+        if outcome != CancelOutcome::NotFound {
+            if let Ok(mut cancelled) = self.inner.cancelled.lock() {
+                cancelled.insert(id.to_owned());
+            }
+            self.inner.remove_job_dir(id);
+            tracing::info!(job = %id, ?outcome, "export job cancelled or removed");
+        }
+        Ok(outcome)
+    }
+
+    /// A file that may be downloaded now.
+    pub async fn file(&self, file_id: &str) -> Result<Option<DownloadableFile>, StoreError> {
+        let Some((record, job)) = self.inner.backend.file(file_id).await? else {
+            return Ok(None);
+        };
+        let expired = job.expires_at.is_some_and(|e| e < now_micros());
+        if job.status != JobStatus::Completed || expired {
+            return Ok(None);
+        }
+        let path = self.inner.config.export_dir.join(&record.path);
+        if !path.starts_with(&self.inner.config.export_dir) {
+            return Ok(None);
+        }
+        Ok(Some(DownloadableFile { path, record, job }))
+    }
+
+    /// Removes expired jobs and their files, and completes jobs whose units are all done.
+    async fn sweep(&self) {
+        let inner = &self.inner;
+        let now = now_micros();
+        match inner
+            .backend
+            .expired_jobs(now, micros(inner.config.ttl))
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    inner.remove_job_dir(&id);
+                    if let Err(e) = inner.backend.delete_job(&id).await {
+                        tracing::warn!(job = %id, error = %e, "cannot remove an expired job");
+                    } else {
+                        tracing::info!(job = %id, "expired export job removed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list expired jobs"),
+        }
+        match inner.backend.ready_jobs().await {
+            Ok(ids) => {
+                for id in ids {
+                    inner.finalize(&id).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list finished jobs"),
+        }
+        // Directories of jobs that no longer exist (cancelled while a worker was writing).
+        if let Ok(entries) = std::fs::read_dir(&inner.config.export_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(60));
+                if old && matches!(inner.backend.job(&name).await, Ok(None)) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+}
+
+fn group_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn in_progress(job: &JobRecord, now: Micros) -> JobView {
+    let total = job.estimated_resources.max(job.done_resources);
+    let percent = if job.status == JobStatus::Completed || total == 0 {
+        if job.status == JobStatus::Completed {
+            100
+        } else {
+            0
+        }
+    } else {
+        (job.done_resources * 100 / total).min(99)
+    };
+    let state = if job.status == JobStatus::Queued {
+        ", queued"
+    } else {
+        ""
+    };
+    let progress = format!(
+        "{percent}% ({} of {} resources){state}",
+        group_thousands(job.done_resources),
+        group_thousands(total)
+    );
+    // Expected remaining time from the rate so far, between 1 and 120 seconds.
+    let retry_after = match job.started_at {
+        Some(started) if job.done_resources > 0 && now > started => {
+            let rate = job.done_resources as f64 / ((now - started) as f64 / 1e6);
+            let remaining = total.saturating_sub(job.done_resources) as f64 / rate;
+            remaining.ceil().clamp(1.0, 120.0) as u64
+        }
+        _ => 1,
+    };
+    JobView::InProgress {
+        progress,
+        retry_after,
+    }
+}
+
+/// Why a unit did not commit.
+#[derive(Debug)]
+enum Abandon {
+    Cancelled,
+    Shutdown,
+    LeaseLost,
+}
+
+impl Inner {
+    fn remove_job_dir(&self, id: &str) {
+        if uuid::Uuid::parse_str(id).is_ok() {
+            let _ = std::fs::remove_dir_all(self.config.export_dir.join(id));
+        }
+    }
+
+    fn is_cancelled(&self, job_id: &str) -> bool {
+        self.cancelled
+            .lock()
+            .map(|c| c.contains(job_id))
+            .unwrap_or(false)
+    }
+
+    fn work(self: Arc<Self>, number: usize) {
+        let owner = format!("{}-{number}", self.instance);
+        while !self.shutdown.load(Ordering::SeqCst) {
+            let generation = self.wake.0.lock().map(|g| *g).unwrap_or(0);
+            let now = now_micros();
+            match self
+                .runtime
+                .block_on(self.backend.claim_unit(&owner, now + micros(LEASE), now))
+            {
+                Ok(Some(unit)) => self.run_unit(unit),
+                Ok(None) => {
+                    // Sleep until a kick-off (or a second passes: other processes, restarts).
+                    if let Ok(guard) = self.wake.0.lock()
+                        && *guard == generation
+                        && !self.shutdown.load(Ordering::SeqCst)
+                    {
+                        let _ = self.wake.1.wait_timeout(guard, Duration::from_secs(1));
+                    }
+                }
+                Err(StoreError::Closed) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim an export unit");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn run_unit(&self, unit: ClaimedUnit) {
+        let started = Instant::now();
+        match self.write_unit(&unit) {
+            Ok(Ok(written)) => {
+                tracing::debug!(job = %unit.job_id, unit = unit.unit_no, resource_type = %unit.resource_type,
+                    resources = written, elapsed_ms = started.elapsed().as_millis() as u64, "unit done");
+            }
+            Ok(Err(reason)) => {
+                tracing::info!(job = %unit.job_id, unit = unit.unit_no, ?reason, "unit abandoned");
+            }
+            Err(e) => {
+                tracing::error!(job = %unit.job_id, unit = unit.unit_no, error = %e, "export unit failed");
+                let message = format!("exporting {} failed: {e}", unit.resource_type);
+                let _ = self
+                    .runtime
+                    .block_on(self.backend.fail_job(&unit.job_id, &message));
+            }
+        }
+    }
+
+    /// Streams one unit into files and commits them. The outer error fails the job; the
+    /// inner one means the unit was given up (its files removed) without failing anything.
+    fn write_unit(
+        &self,
+        unit: &ClaimedUnit,
+    ) -> Result<Result<u64, Abandon>, Box<dyn std::error::Error + Send + Sync>> {
+        let dir = self.config.export_dir.join(&unit.job_id);
+        std::fs::create_dir_all(&dir)?;
+        remove_earlier_attempts(&dir, unit.unit_no);
+        let mut writer = RollingWriter::new(
+            &dir,
+            format!("u{}-a{}", unit.unit_no, unit.attempt),
+            self.config.max_file_bytes,
+        );
+        let mut rows = 0u64;
+        let mut last_renewal = Instant::now();
+        let mut abandon = None;
+        let mut line = Vec::new();
+        let scanned = self.backend.scan_unit(unit, &mut |row| {
+            match unit.kind {
+                UnitKind::Output => writer.write_line(row.body)?,
+                UnitKind::Deleted => {
+                    deletion_bundle(&unit.resource_type, row.id, row.last_updated, &mut line);
+                    writer.write_line(&line)?;
+                }
+            }
+            rows += 1;
+            if rows.is_multiple_of(CHECK_EVERY_ROWS) {
+                if self.shutdown.load(Ordering::Relaxed) {
+                    abandon = Some(Abandon::Shutdown);
+                } else if self.is_cancelled(&unit.job_id) {
+                    abandon = Some(Abandon::Cancelled);
+                } else if last_renewal.elapsed() > RENEW_AFTER {
+                    let until = now_micros() + micros(LEASE);
+                    match self.runtime.block_on(self.backend.renew_lease(unit, until)) {
+                        Ok(true) => last_renewal = Instant::now(),
+                        Ok(false) => abandon = Some(Abandon::LeaseLost),
+                        Err(e) => return Err(std::io::Error::other(e)),
+                    }
+                }
+            }
+            Ok(abandon.is_none())
+        });
+        if let Some(reason) = abandon {
+            writer.discard();
+            return Ok(Err(reason));
+        }
+        if let Err(e) = scanned {
+            writer.discard();
+            return Err(Box::new(e));
+        }
+        let written = writer.finish()?;
+        let (resource_type, kind) = match unit.kind {
+            UnitKind::Output => (unit.resource_type.as_str(), "output"),
+            UnitKind::Deleted => ("Bundle", "deleted"),
+        };
+        let records: Vec<FileRecord> = written
+            .iter()
+            .map(|file| FileRecord {
+                id: uuid::Uuid::new_v4().to_string(),
+                job_id: unit.job_id.clone(),
+                unit_no: unit.unit_no,
+                part: file.part,
+                resource_type: resource_type.to_owned(),
+                kind: kind.to_owned(),
+                path: format!("{}/{}", unit.job_id, file.name),
+                count: file.count,
+                bytes: file.bytes,
+            })
+            .collect();
+        match self
+            .runtime
+            .block_on(self.backend.commit_unit(unit, records, rows))?
+        {
+            UnitCommit::Committed => Ok(Ok(rows)),
+            UnitCommit::JobReady => {
+                self.runtime.block_on(self.finalize(&unit.job_id));
+                Ok(Ok(rows))
+            }
+            UnitCommit::Fenced => {
+                for file in &written {
+                    let _ = std::fs::remove_file(dir.join(&file.name));
+                }
+                Ok(Err(if self.is_cancelled(&unit.job_id) {
+                    Abandon::Cancelled
+                } else {
+                    Abandon::LeaseLost
+                }))
+            }
+        }
+    }
+
+    /// Builds and stores the manifest of a job whose units are all done.
+    async fn finalize(&self, job_id: &str) {
+        let result: Result<(), StoreError> = async {
+            let Some(job) = self.backend.job(job_id).await? else {
+                return Ok(());
+            };
+            let request: ExportRequest =
+                serde_json::from_str(&job.request).map_err(|e| StoreError::Internal(e.to_string()))?;
+            let files = self.backend.job_files(job_id).await?;
+            let manifest = manifest::build(&job, &request, &files, &self.config.base_url, self.config.requires_access_token);
+            let now = now_micros();
+            self.backend
+                .complete_job(job_id, manifest, now, now + micros(self.config.ttl))
+                .await?;
+            tracing::info!(job = %job_id, resources = job.done_resources, files = files.len(), "export job completed");
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(job = %job_id, error = %e, "cannot complete an export job");
+        }
+    }
+}
+
+/// Files of a unit's earlier attempts (a crash, a lost lease) must not linger.
+fn remove_earlier_attempts(dir: &Path, unit_no: i64) {
+    let prefix = format!("u{unit_no}-");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// A `deleted` line: a transaction Bundle with one DELETE entry.
+fn deletion_bundle(resource_type: &str, id: &str, deleted_at: Micros, out: &mut Vec<u8>) {
+    let mut text = String::with_capacity(160);
+    text.push_str(r#"{"resourceType":"Bundle","type":"transaction","meta":{"lastUpdated":""#);
+    write_instant(deleted_at, &mut text);
+    text.push_str(r#""},"entry":[{"request":{"method":"DELETE","url":""#);
+    // Types and ids are plain FHIR tokens: nothing to escape.
+    text.push_str(resource_type);
+    text.push('/');
+    text.push_str(id);
+    text.push_str(r#""}}]}"#);
+    out.clear();
+    out.extend_from_slice(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deletion_lines_are_transaction_bundles() {
+        let mut line = Vec::new();
+        deletion_bundle("Patient", "p-1", 0, &mut line);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["type"], "transaction");
+        assert_eq!(value["entry"][0]["request"]["method"], "DELETE");
+        assert_eq!(value["entry"][0]["request"]["url"], "Patient/p-1");
+    }
+
+    #[test]
+    fn progress_is_short_and_grouped() {
+        assert_eq!(group_thousands(189_111), "189,111");
+        assert_eq!(group_thousands(12), "12");
+        assert_eq!(group_thousands(1_000), "1,000");
+    }
+}

@@ -1,0 +1,21 @@
+//! Hearth's Bulk Data export engine.
+//!
+//! # Layout
+//! - [`request`]: the kick-off parameters, validated (or refused by name).
+//! - [`planner`]: a job split into units of resource type × change-sequence range.
+//! - [`engine`]: kick-off, status, cancel, downloads, and the worker pool.
+//! - [`files`]: NDJSON files that roll over by size.
+//! - [`manifest`]: the completion manifest.
+//!
+//! An export reads the store as of one change sequence number (its snapshot): a unit streams
+//! the versions that were newest at that point, so writes during the export are left to the
+//! next `_since` export, exactly once.
+
+pub mod engine;
+pub mod files;
+pub mod manifest;
+pub mod planner;
+pub mod request;
+
+pub use engine::{DownloadableFile, EngineConfig, ExportEngine, JobView, KickOffError};
+pub use request::{ExportRequest, IgnoredParameter, Level, ParameterError};

@@ -1,0 +1,542 @@
+//! The Bulk Data endpoints: `$export` kick-off, `$export-poll-status` (GET, POST, DELETE) and
+//! file downloads at `Binary/<file id>`. Only HTTP concerns live here; the work is the export
+//! engine's.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use axum::body::Body;
+use axum::extract::{OriginalUri, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use bytes::Bytes;
+use hearth_export::{DownloadableFile, ExportRequest, JobView, KickOffError, Level};
+use hearth_fhir::instant::now_micros;
+use hearth_fhir::outcome::{Issue, operation_outcome};
+use hearth_store::jobs::CancelOutcome;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::http_util::{
+    QueryParams, fhir_json, http_date, parse_query, prefer, read_body, require_json_body,
+};
+
+/// Who owns a job. Without authorization every caller is the same client.
+const ANONYMOUS: &str = "anonymous";
+
+#[derive(Deserialize)]
+struct ParametersIn<'a> {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+    #[serde(default, borrow)]
+    parameter: Vec<ParameterIn<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ParameterIn<'a> {
+    name: String,
+    #[serde(flatten, borrow)]
+    values: std::collections::BTreeMap<String, &'a RawValue>,
+}
+
+/// A `Parameters` body as name/value pairs: primitives as their text, references as their
+/// `reference`.
+fn parameters_body(body: &[u8]) -> ApiResult<QueryParams> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let parsed: ParametersIn<'_> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(format!("the body is not a valid Parameters resource: {e}"))
+    })?;
+    if parsed.resource_type.as_deref() != Some("Parameters") {
+        return Err(ApiError::invalid("the body must be a Parameters resource"));
+    }
+    let mut pairs = Vec::with_capacity(parsed.parameter.len());
+    for parameter in parsed.parameter {
+        let Some((kind, raw)) = parameter
+            .values
+            .iter()
+            .find(|(k, _)| k.starts_with("value"))
+        else {
+            return Err(ApiError::invalid_parameter(
+                &parameter.name,
+                format!("parameter '{}' has no value", parameter.name),
+            ));
+        };
+        let value = match kind.as_str() {
+            "valueReference" => {
+                #[derive(Deserialize)]
+                struct Reference {
+                    reference: Option<String>,
+                }
+                serde_json::from_str::<Reference>(raw.get())
+                    .ok()
+                    .and_then(|r| r.reference)
+                    .ok_or_else(|| {
+                        ApiError::invalid_parameter(
+                            &parameter.name,
+                            "valueReference needs a reference",
+                        )
+                    })?
+            }
+            _ => match serde_json::from_str::<serde_json::Value>(raw.get()) {
+                Ok(serde_json::Value::String(text)) => text,
+                Ok(serde_json::Value::Bool(b)) => b.to_string(),
+                Ok(serde_json::Value::Number(n)) => n.to_string(),
+                _ => {
+                    return Err(ApiError::invalid_parameter(
+                        &parameter.name,
+                        format!("parameter '{}' has an unsupported {kind}", parameter.name),
+                    ));
+                }
+            },
+        };
+        pairs.push((parameter.name, value));
+    }
+    Ok(pairs)
+}
+
+/// The `Accept` of a kick-off is the format of its OperationOutcome: FHIR JSON.
+fn check_kick_off_accept(app: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        if app.config.lenient_headers {
+            return Ok(());
+        }
+        return Err(ApiError::invalid(
+            "the kick-off needs 'Accept: application/fhir+json'",
+        ));
+    };
+    let fits = accept.split(',').any(|item| {
+        let essence = item
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        matches!(
+            essence.as_str(),
+            "application/fhir+json" | "application/json" | "application/json+fhir" | "*/*"
+        )
+    });
+    if fits {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "the kick-off's Accept must be application/fhir+json, not '{accept}'"
+        )))
+    }
+}
+
+/// The kick-off URL as the client sent it.
+fn request_url(app: &AppState, uri: &axum::http::Uri) -> String {
+    let base = &app.config.base_url;
+    let origin = base.strip_suffix(crate::FHIR_PATH).unwrap_or(base);
+    match uri.path_and_query() {
+        Some(path) => format!("{origin}{path}"),
+        None => base.clone(),
+    }
+}
+
+pub async fn kick_off(
+    State(app): State<AppState>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let prefer = prefer(&headers);
+    if !prefer.respond_async {
+        return Err(ApiError::invalid(
+            "$export needs 'Prefer: respond-async' (the result is delivered asynchronously)",
+        ));
+    }
+    check_kick_off_accept(&app, &headers)?;
+    let mut params = parse_query(query.as_deref());
+    if method == Method::POST {
+        let body = read_body(&headers, body, app.config.max_body_bytes).await?;
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            require_json_body(&headers)?;
+        }
+        params.extend(parameters_body(&body)?);
+    }
+    let request = ExportRequest::parse(
+        Level::System,
+        &params,
+        prefer.lenient,
+        request_url(&app, &uri),
+        now_micros(),
+    )
+    .map_err(|e| ApiError::invalid_parameter(&e.parameter, e.message))?;
+    let job_id = app
+        .engine
+        .kick_off(request, ANONYMOUS)
+        .await
+        .map_err(|e| match e {
+            KickOffError::Parameter(e) => ApiError::invalid_parameter(&e.parameter, e.message),
+            KickOffError::TooMany { .. } => ApiError::TooManyRequests {
+                message: format!("{e}; wait for one to finish or cancel one"),
+                retry_after: 30,
+            },
+            KickOffError::Store(e) => e.into(),
+            KickOffError::Io(e) => ApiError::Internal(e.to_string()),
+        })?;
+    let location = format!(
+        "{}/$export-poll-status?_jobId={job_id}",
+        app.config.base_url
+    );
+    let mut response = StatusCode::ACCEPTED.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_LOCATION,
+        HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.to_string()))?,
+    );
+    Ok(response)
+}
+
+async fn job_id(
+    app: &AppState,
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<String> {
+    let mut params = parse_query(query);
+    if *method == Method::POST {
+        let body = read_body(headers, body, app.config.max_body_bytes).await?;
+        params.extend(parameters_body(&body)?);
+    }
+    let id = params
+        .iter()
+        .rfind(|(k, _)| k == "_jobId")
+        .map(|(_, v)| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid_parameter("_jobId", "$export-poll-status needs a _jobId")
+        })?;
+    Ok(id)
+}
+
+fn unknown_job(id: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "export job '{id}' does not exist: it was never started, was cancelled or deleted, or has expired"
+    ))
+}
+
+pub async fn poll_status(
+    State(app): State<AppState>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let id = job_id(&app, &method, query.as_deref(), &headers, body).await?;
+    if method == Method::DELETE {
+        return match app.engine.cancel(&id).await? {
+            CancelOutcome::Cancelled => Ok(fhir_json(
+                StatusCode::ACCEPTED,
+                operation_outcome(&[Issue::information(format!(
+                    "export job {id} was cancelled and its files removed"
+                ))]),
+            )),
+            CancelOutcome::AlreadyFinished => Err(ApiError::NotFound(format!(
+                "export job {id} had already completed; nothing to cancel (its files were removed)"
+            ))),
+            CancelOutcome::NotFound => Err(unknown_job(&id)),
+        };
+    }
+    match app.engine.status(&id).await? {
+        JobView::InProgress {
+            progress,
+            retry_after,
+        } => {
+            let mut response = StatusCode::ACCEPTED.into_response();
+            let headers = response.headers_mut();
+            if let Ok(progress) = HeaderValue::from_str(&progress) {
+                headers.insert("x-progress", progress);
+            }
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            Ok(response)
+        }
+        JobView::Completed {
+            manifest,
+            expires_at,
+        } => {
+            let mut response = (StatusCode::OK, manifest).into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(header::EXPIRES, http_date(expires_at));
+            Ok(response)
+        }
+        JobView::Failed { message } => Err(ApiError::JobFailed(message)),
+        JobView::NotFound => Err(unknown_job(&id)),
+    }
+}
+
+/// The one byte range of a `Range` header, resolved against the file length.
+fn byte_range(headers: &HeaderMap, len: u64, etag: &str) -> Result<Option<(u64, u64)>, ApiError> {
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    if let Some(if_range) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok())
+        && if_range != etag
+    {
+        return Ok(None);
+    }
+    let Some(spec) = range.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        // Several ranges: answer with the whole file, which HTTP allows.
+        return Ok(None);
+    }
+    let unsatisfiable = || ApiError::RangeNotSatisfiable { len };
+    let (start, end) = spec.split_once('-').ok_or_else(unsatisfiable)?;
+    let (start, end) = match (start.trim(), end.trim()) {
+        ("", suffix) => {
+            let suffix: u64 = suffix.parse().map_err(|_| unsatisfiable())?;
+            if suffix == 0 {
+                return Err(unsatisfiable());
+            }
+            (len.saturating_sub(suffix), len.saturating_sub(1))
+        }
+        (start, "") => (
+            start.parse().map_err(|_| unsatisfiable())?,
+            len.saturating_sub(1),
+        ),
+        (start, end) => (
+            start.parse().map_err(|_| unsatisfiable())?,
+            end.parse::<u64>()
+                .map_err(|_| unsatisfiable())?
+                .min(len.saturating_sub(1)),
+        ),
+    };
+    if len == 0 || start > end || start >= len {
+        return Err(unsatisfiable());
+    }
+    Ok(Some((start, end)))
+}
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| matches!(p.trim(), "q=0" | "q=0.0" | "q=0.00" | "q=0.000"));
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
+fn wants_binary_resource(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| {
+            let first = accept
+                .split(',')
+                .next()
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim();
+            first.eq_ignore_ascii_case("application/fhir+json")
+                || first.eq_ignore_ascii_case("application/json")
+        })
+}
+
+/// How file bytes are turned into the response body.
+#[derive(Clone, Copy)]
+enum Encoding {
+    Identity,
+    Gzip,
+    /// The FHIR `Binary` resource around the base64 of the file.
+    BinaryJson,
+}
+
+const CHUNK: usize = 3 * 64 * 1024;
+
+/// Streams `len` bytes of `path` from `start`, transformed on a blocking thread; never more
+/// than a few chunks in memory.
+fn stream_file(
+    path: std::path::PathBuf,
+    start: u64,
+    len: u64,
+    encoding: Encoding,
+    file_id: String,
+) -> Body {
+    let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        let send = |chunk: std::io::Result<Bytes>| sender.blocking_send(chunk).is_ok();
+        let result = (|| -> std::io::Result<()> {
+            let mut file = std::fs::File::open(&path)?;
+            file.seek(SeekFrom::Start(start))?;
+            let mut remaining = len;
+            let mut buffer = vec![0u8; CHUNK];
+            let mut gzip = matches!(encoding, Encoding::Gzip).then(|| {
+                flate2::write::GzEncoder::new(
+                    Vec::with_capacity(CHUNK),
+                    flate2::Compression::fast(),
+                )
+            });
+            if matches!(encoding, Encoding::BinaryJson) {
+                let head = format!(
+                    r#"{{"resourceType":"Binary","id":"{file_id}","contentType":"application/fhir+ndjson","data":""#
+                );
+                if !send(Ok(Bytes::from(head))) {
+                    return Ok(());
+                }
+            }
+            while remaining > 0 {
+                let want = (remaining as usize).min(CHUNK);
+                // Fill whole chunks so base64 pieces (3-byte groups) concatenate correctly.
+                let mut filled = 0;
+                while filled < want {
+                    let n = file.read(&mut buffer[filled..want])?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                if filled == 0 {
+                    break;
+                }
+                remaining -= filled as u64;
+                let piece = &buffer[..filled];
+                let out = match (&encoding, gzip.as_mut()) {
+                    (Encoding::Gzip, Some(encoder)) => {
+                        use std::io::Write;
+                        encoder.write_all(piece)?;
+                        Bytes::from(std::mem::take(encoder.get_mut()))
+                    }
+                    (Encoding::BinaryJson, _) => {
+                        Bytes::from(base64::engine::general_purpose::STANDARD.encode(piece))
+                    }
+                    _ => Bytes::copy_from_slice(piece),
+                };
+                if !out.is_empty() && !send(Ok(out)) {
+                    return Ok(());
+                }
+            }
+            if let Some(encoder) = gzip {
+                let tail = encoder.finish()?;
+                send(Ok(Bytes::from(tail)));
+            }
+            if matches!(encoding, Encoding::BinaryJson) {
+                send(Ok(Bytes::from_static(b"\"}")));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = sender.blocking_send(Err(e));
+        }
+    });
+    Body::from_stream(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|chunk| (chunk, receiver)) },
+    ))
+}
+
+/// `GET [base]/Binary/<id>`: an export file, or else a stored Binary resource.
+pub async fn binary(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    raw_query: RawQuery,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    match app.engine.file(&id).await? {
+        Some(file) => download(file, &headers).await,
+        None => {
+            crate::rest::read(
+                State(app),
+                Path(("Binary".to_owned(), id)),
+                raw_query,
+                headers,
+            )
+            .await
+        }
+    }
+}
+
+async fn download(file: DownloadableFile, headers: &HeaderMap) -> ApiResult<Response> {
+    let len = match tokio::fs::metadata(&file.path).await {
+        Ok(meta) => meta.len(),
+        Err(_) => {
+            return Err(ApiError::NotFound(format!(
+                "file {} is no longer available",
+                file.record.id
+            )));
+        }
+    };
+    let etag = format!("\"{}\"", file.record.id);
+    let binary = wants_binary_resource(headers);
+    let range = if binary {
+        None
+    } else {
+        byte_range(headers, len, &etag)?
+    };
+    let encoding = if binary {
+        Encoding::BinaryJson
+    } else if range.is_none() && accepts_gzip(headers) {
+        Encoding::Gzip
+    } else {
+        Encoding::Identity
+    };
+    let (start, end) = range.unwrap_or((0, len.saturating_sub(1)));
+    let body_len = if len == 0 { 0 } else { end - start + 1 };
+    let body = stream_file(
+        file.path.clone(),
+        start,
+        body_len,
+        encoding,
+        file.record.id.clone(),
+    );
+    let status = if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (status, body).into_response();
+    let out = response.headers_mut();
+    let content_type = if binary {
+        crate::http_util::FHIR_JSON
+    } else {
+        "application/fhir+ndjson"
+    };
+    out.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    out.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    out.insert(
+        header::VARY,
+        HeaderValue::from_static("accept, accept-encoding"),
+    );
+    if let Ok(etag) = HeaderValue::from_str(&etag) {
+        out.insert(header::ETAG, etag);
+    }
+    if let Some(expires) = file.job.expires_at {
+        out.insert(header::EXPIRES, http_date(expires));
+    }
+    match encoding {
+        Encoding::Gzip => {
+            out.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        Encoding::Identity => {
+            out.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+            if range.is_some()
+                && let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
+            {
+                out.insert(header::CONTENT_RANGE, value);
+            }
+        }
+        Encoding::BinaryJson => {}
+    }
+    Ok(response)
+}

@@ -1,0 +1,312 @@
+//! Durable export jobs: the rows that let any worker (of any Hearth process) pick up work, and
+//! let a restarted server finish what a killed one started.
+//!
+//! A job is planned into **units** (one resource type × one change-sequence range, for output or
+//! for deletions). Workers claim units with a lease, stream them into files, and commit the
+//! files and counts with a fenced write: a commit only counts if the claim (owner and attempt)
+//! is still the current one, so a paused or dead worker can never overwrite a newer attempt.
+
+use async_trait::async_trait;
+use hearth_fhir::instant::Micros;
+
+use crate::error::StoreError;
+use crate::model::Seq;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    /// Planned; no unit has started yet.
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Work may still happen.
+    pub fn is_unfinished(self) -> bool {
+        matches!(self, Self::Queued | Self::Running)
+    }
+}
+
+/// The moment an export reads: everything up to `seq`, stamped `transaction_time`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub seq: Seq,
+    /// Later than the `lastUpdated` of every version up to `seq`, and earlier than that of
+    /// every later version (the writer's clock is moved past it).
+    pub transaction_time: Micros,
+}
+
+/// What a unit produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitKind {
+    /// Current resources.
+    Output,
+    /// Resources deleted in the window, as transaction Bundles of DELETE entries.
+    Deleted,
+}
+
+impl UnitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Output => "output",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "output" => Some(Self::Output),
+            "deleted" => Some(Self::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// A new job with its planned units.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub client: String,
+    /// The engine's own description of the request (opaque to the store).
+    pub request: String,
+    pub request_url: String,
+    pub snapshot: Snapshot,
+    pub created_at: Micros,
+    pub estimated_resources: u64,
+    pub units: Vec<UnitPlan>,
+    /// Files that belong to the job from the start (reports of ignored parameters).
+    pub files: Vec<FileRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UnitPlan {
+    pub resource_type: String,
+    pub kind: UnitKind,
+    /// Exclusive.
+    pub seq_after: Seq,
+    /// Inclusive.
+    pub seq_upto: Seq,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    pub id: String,
+    pub client: String,
+    pub status: JobStatus,
+    pub request: String,
+    pub request_url: String,
+    pub snapshot: Snapshot,
+    pub created_at: Micros,
+    pub started_at: Option<Micros>,
+    pub completed_at: Option<Micros>,
+    pub expires_at: Option<Micros>,
+    /// How many status requests have been answered.
+    pub polls: u64,
+    /// A status request has answered `200` with the manifest.
+    pub manifest_shown: bool,
+    pub estimated_resources: u64,
+    pub done_resources: u64,
+    pub units_total: u64,
+    pub units_done: u64,
+    pub manifest: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A unit a worker holds.
+#[derive(Debug, Clone)]
+pub struct ClaimedUnit {
+    pub job_id: String,
+    pub unit_no: i64,
+    pub resource_type: String,
+    pub kind: UnitKind,
+    pub seq_after: Seq,
+    pub seq_upto: Seq,
+    /// The job's snapshot sequence number.
+    pub snapshot_seq: Seq,
+    pub request: String,
+    pub attempt: i64,
+    pub owner: String,
+}
+
+/// A finished file of a unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub id: String,
+    pub job_id: String,
+    pub unit_no: i64,
+    pub part: i64,
+    pub resource_type: String,
+    /// `output`, `deleted` or `error`.
+    pub kind: String,
+    /// Relative to the export directory.
+    pub path: String,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// What committing a unit led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitCommit {
+    /// Committed; other units are still open.
+    Committed,
+    /// Committed, and it was the job's last open unit.
+    JobReady,
+    /// The claim is no longer current (lease lost, job cancelled or gone): the worker must
+    /// discard its files.
+    Fenced,
+}
+
+/// The answer to a DELETE on a job's status URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was queued or running, or done but its manifest never shown: now cancelled.
+    Cancelled,
+    /// The client had already received the manifest: the job is removed.
+    AlreadyFinished,
+    /// No such job (or already cancelled, expired, removed).
+    NotFound,
+}
+
+/// One row of an export scan.
+pub struct ScanRow<'a> {
+    pub seq: Seq,
+    pub id: &'a str,
+    pub last_updated: Micros,
+    /// The stored resource (empty for a deletion).
+    pub body: &'a [u8],
+}
+
+/// Why a scan stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The row consumer failed (writing the export file).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Streams a unit's rows on the calling (blocking) thread, never holding more than one row.
+pub trait ScanSource: Send + Sync + 'static {
+    /// Calls `each` with the versions of the unit's type in `(seq_after, seq_upto]` that are the
+    /// newest as of the job's snapshot: current resources for [`UnitKind::Output`], tombstones
+    /// for [`UnitKind::Deleted`]. `each` stops the scan by returning `Ok(false)`.
+    fn scan_unit(
+        &self,
+        unit: &ClaimedUnit,
+        each: &mut dyn FnMut(ScanRow<'_>) -> std::io::Result<bool>,
+    ) -> Result<(), ScanError>;
+}
+
+/// Persistence for export jobs.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Takes a snapshot for a new export; later writes get a later `lastUpdated`.
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// How many versions of `resource_type` lie in `(after, upto]`, and the first and last `seq`
+    /// of them (counted on the index: superseded versions included, so an upper bound).
+    async fn type_range(
+        &self,
+        resource_type: &str,
+        after: Seq,
+        upto: Seq,
+    ) -> Result<(u64, Seq, Seq), StoreError>;
+
+    /// Resource types with at least one version in `(after, upto]`.
+    async fn types_present(&self, after: Seq, upto: Seq) -> Result<Vec<String>, StoreError>;
+
+    async fn insert_job(&self, job: NewJob) -> Result<(), StoreError>;
+
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Counts a status request; returns the count before this one.
+    async fn record_poll(&self, id: &str, manifest_shown: bool) -> Result<u64, StoreError>;
+
+    /// Unfinished jobs of one client.
+    async fn active_jobs(&self, client: &str) -> Result<u64, StoreError>;
+
+    async fn cancel_job(&self, id: &str) -> Result<CancelOutcome, StoreError>;
+
+    /// Claims the oldest open unit whose lease is free or expired.
+    async fn claim_unit(
+        &self,
+        owner: &str,
+        lease_until: Micros,
+        now: Micros,
+    ) -> Result<Option<ClaimedUnit>, StoreError>;
+
+    /// Extends a held lease; false when the claim is no longer current.
+    async fn renew_lease(
+        &self,
+        unit: &ClaimedUnit,
+        lease_until: Micros,
+    ) -> Result<bool, StoreError>;
+
+    /// Records a unit's files and count, fenced by the claim.
+    async fn commit_unit(
+        &self,
+        unit: &ClaimedUnit,
+        files: Vec<FileRecord>,
+        resources: u64,
+    ) -> Result<UnitCommit, StoreError>;
+
+    /// Marks a job completed with its manifest.
+    async fn complete_job(
+        &self,
+        id: &str,
+        manifest: String,
+        completed_at: Micros,
+        expires_at: Micros,
+    ) -> Result<(), StoreError>;
+
+    async fn fail_job(&self, id: &str, error: &str) -> Result<(), StoreError>;
+
+    /// Every committed file of a job, in manifest order (type, unit, part).
+    async fn job_files(&self, id: &str) -> Result<Vec<FileRecord>, StoreError>;
+
+    /// Adds files that belong to the job as a whole (error reports).
+    async fn add_job_files(&self, files: Vec<FileRecord>) -> Result<(), StoreError>;
+
+    async fn file(&self, id: &str) -> Result<Option<(FileRecord, JobRecord)>, StoreError>;
+
+    /// Jobs to remove: completed ones past their expiry, and cancelled or failed ones older
+    /// than `ttl`.
+    async fn expired_jobs(&self, now: Micros, ttl: Micros) -> Result<Vec<String>, StoreError>;
+
+    /// Unfinished jobs with no open unit: their manifest is due (after a crash between the last
+    /// commit and completion, or for an export with nothing to write).
+    async fn ready_jobs(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Deletes a job's rows (its files are the caller's).
+    async fn delete_job(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Frees every unit lease of this process's earlier life (single-process stores), so a
+    /// restarted server resumes at once instead of waiting for leases to expire.
+    async fn release_all_leases(&self) -> Result<u64, StoreError>;
+}
