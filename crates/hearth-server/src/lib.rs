@@ -3,6 +3,7 @@
 //! here ([`error::ApiError`]).
 //!
 //! # Layout
+//! - [`app`]: wiring the embedded store, export engine and state from a data directory.
 //! - [`rest`]: create, read, vread, update, delete, history.
 //! - [`search`]: type-level search with keyset paging.
 //! - [`bundle`]: transaction and batch Bundles.
@@ -10,6 +11,7 @@
 //! - [`export`]: the Bulk Data endpoints (kick-off, status, cancel, downloads).
 //! - [`http_util`]: negotiation, bodies and headers shared by the handlers.
 
+pub mod app;
 pub mod bundle;
 pub mod capability;
 pub mod error;
@@ -36,6 +38,8 @@ use crate::error::ApiError;
 
 /// Where FHIR lives on the server.
 pub const FHIR_PATH: &str = "/fhir";
+
+pub use app::{Embedded, ExportSettings};
 
 /// What the HTTP edge needs to know.
 #[derive(Debug, Clone)]

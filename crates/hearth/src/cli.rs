@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hearth_export::{EngineConfig, ExportEngine};
 use hearth_load::{BatchLimits, LoadObserver, LoadReport, Rejection, Target};
-use hearth_server::{AppState, FHIR_PATH, ServerConfig};
+use hearth_server::{Embedded, ExportSettings, FHIR_PATH, ServerConfig};
 use hearth_store::{SqliteStore, Store};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::net::TcpListener;
@@ -229,37 +228,25 @@ async fn serve_store(args: ServeArgs, store: Arc<SqliteStore>) -> anyhow::Result
         .unwrap_or_else(|| format!("http://{local}{FHIR_PATH}"))
         .trim_end_matches('/')
         .to_owned();
-    let workers = args
-        .export_workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let engine = ExportEngine::start(
-        store.clone(),
-        EngineConfig {
-            export_dir: args.data.join("exports"),
-            base_url: base_url.clone(),
-            workers,
-            max_file_bytes: args.max_file_bytes,
-            ttl: args.export_ttl,
-            max_active_exports: args.max_active_exports,
-            requires_access_token: false,
-            rows_per_unit: 100_000,
-        },
-    )
-    .await
-    .context("starting the export engine")?;
+    let export = ExportSettings {
+        workers: args.export_workers.unwrap_or(ExportSettings::default().workers),
+        max_file_bytes: args.max_file_bytes,
+        ttl: args.export_ttl,
+        max_active_exports: args.max_active_exports,
+        ..ExportSettings::default()
+    };
+    let workers = export.workers;
+    let config = ServerConfig {
+        base_url: base_url.clone(),
+        max_body_bytes: args.max_body_bytes,
+        lenient_headers: args.lenient_headers,
+    };
+    let embedded = Embedded::start(store, &args.data, config, export)
+        .await
+        .context("starting the export engine")?;
     tracing::info!(%base_url, data = %args.data.display(), workers, "Hearth is serving FHIR R4");
-    let state = AppState::new(
-        store.clone(),
-        engine.clone(),
-        ServerConfig {
-            base_url,
-            max_body_bytes: args.max_body_bytes,
-            lenient_headers: args.lenient_headers,
-        },
-    );
-    hearth_server::serve(listener, state, shutdown_signal()).await?;
-    engine.shutdown().await;
-    store.close().await.context("closing the store")?;
+    hearth_server::serve(listener, embedded.state.clone(), shutdown_signal()).await?;
+    embedded.shutdown().await.context("closing the store")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

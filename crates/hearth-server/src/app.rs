@@ -1,0 +1,86 @@
+//! Wiring the embedded default: SQLite store, export engine and HTTP state from one data
+//! directory. The CLI and the tests start servers the same way.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_export::{EngineConfig, ExportEngine};
+use hearth_store::{SqliteStore, Store, StoreError};
+
+use crate::{AppState, ServerConfig};
+
+/// Export settings of a server.
+#[derive(Debug, Clone)]
+pub struct ExportSettings {
+    pub workers: usize,
+    pub max_file_bytes: u64,
+    pub ttl: Duration,
+    pub max_active_exports: u64,
+    pub rows_per_unit: u64,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_file_bytes: 256 * 1024 * 1024,
+            ttl: Duration::from_secs(24 * 3600),
+            max_active_exports: 16,
+            rows_per_unit: 100_000,
+        }
+    }
+}
+
+/// A running embedded stack.
+pub struct Embedded {
+    pub state: AppState,
+    pub store: Arc<SqliteStore>,
+    pub engine: ExportEngine,
+}
+
+impl Embedded {
+    /// Starts the export engine over an open store (export files under `<data_dir>/exports`).
+    pub async fn start(
+        store: Arc<SqliteStore>,
+        data_dir: &Path,
+        config: ServerConfig,
+        export: ExportSettings,
+    ) -> Result<Self, StoreError> {
+        let engine = ExportEngine::start(
+            store.clone(),
+            EngineConfig {
+                export_dir: data_dir.join("exports"),
+                base_url: config.base_url.clone(),
+                workers: export.workers,
+                max_file_bytes: export.max_file_bytes,
+                ttl: export.ttl,
+                max_active_exports: export.max_active_exports,
+                requires_access_token: false,
+                rows_per_unit: export.rows_per_unit,
+            },
+        )
+        .await?;
+        let state = AppState::new(store.clone(), engine.clone(), config);
+        Ok(Self {
+            state,
+            store,
+            engine,
+        })
+    }
+
+    /// Opens the store in `data_dir` and starts everything.
+    pub async fn open(data_dir: &Path, config: ServerConfig, export: ExportSettings) -> Result<Self, StoreError> {
+        let dir = data_dir.to_owned();
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))??;
+        Self::start(Arc::new(store), data_dir, config, export).await
+    }
+
+    /// Stops the workers, then flushes and closes the store.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        self.engine.shutdown().await;
+        self.store.close().await
+    }
+}
