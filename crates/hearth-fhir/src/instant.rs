@@ -151,10 +151,14 @@ fn parse_date_time(value: &str) -> Option<Parsed> {
     let mut second = 0u8;
     let mut micros = 0u32;
     let mut precision = Precision::Minute;
+    // A value stands for the whole span of its last digit: `10:00:00` is a second long,
+    // `10:00:00.5` a tenth of one.
+    let mut width: Micros = 60_000_000;
     if b.get(at) == Some(&b':') {
         second = digits(b, 17, 2)? as u8;
         at = 19;
         precision = Precision::Second;
+        width = 1_000_000;
         if b.get(at) == Some(&b'.') {
             at += 1;
             let start = at;
@@ -167,6 +171,7 @@ fn parse_date_time(value: &str) -> Option<Parsed> {
             // Digits beyond microseconds are truncated: Hearth's clock has no finer grain.
             let fraction = &value[start..at.min(start + 6)];
             micros = fraction.parse::<u32>().ok()? * 10u32.pow(6 - fraction.len() as u32);
+            width = 10_i64.pow(6 - fraction.len() as u32);
         }
     }
     let (offset, has_zone) = match b.get(at) {
@@ -189,11 +194,6 @@ fn parse_date_time(value: &str) -> Option<Parsed> {
     };
     let time = Time::from_hms_micro(hour, minute, second, micros).ok()?;
     let start = micros_of(PrimitiveDateTime::new(date, time).assume_offset(offset));
-    let width = if precision == Precision::Second {
-        1
-    } else {
-        60_000_000
-    };
     Some(Parsed {
         range: DateRange {
             start,
@@ -263,5 +263,11 @@ mod tests {
         assert_eq!(december.end, parse_instant("2024-01-01T00:00:00Z").unwrap());
         let day = parse_date_range("2024-03-05").unwrap();
         assert_eq!(day.end - day.start, 86_400_000_000);
+        let second = parse_date_range("2024-03-05T10:00:00Z").unwrap();
+        assert_eq!(second.end - second.start, 1_000_000);
+        let tenth = parse_date_range("2024-03-05T10:00:00.5Z").unwrap();
+        assert_eq!(tenth.end - tenth.start, 100_000);
+        let micro = parse_date_range("2024-03-05T10:00:00.1234567Z").unwrap();
+        assert_eq!(micro.end - micro.start, 1);
     }
 }

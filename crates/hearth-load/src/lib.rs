@@ -21,6 +21,10 @@ use tokio::sync::mpsc;
 
 pub use source::{Origin, expand_paths};
 
+/// The code a server puts in a batch entry's outcome when an update changed nothing (HAPI
+/// FHIR's storage response code; Hearth uses it too).
+const UNCHANGED_CODE: &str = "SUCCESSFUL_UPDATE_NO_CHANGE";
+
 /// Why a load stopped (as opposed to a single resource being rejected).
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -301,8 +305,16 @@ async fn send_to_server(
             .as_ref()
             .map(|r| r.status.as_str())
             .unwrap_or("");
+        let unchanged = entry
+            .response
+            .as_ref()
+            .and_then(|r| r.outcome.as_ref())
+            .and_then(|o| o.pointer("/issue/0/details/coding/0/code"))
+            .and_then(|c| c.as_str())
+            == Some(UNCHANGED_CODE);
         match status.split(' ').next() {
             Some("201") => count(report, resource_type, WriteKind::Created),
+            Some("200") if unchanged => count(report, resource_type, WriteKind::Unchanged),
             Some("200") => count(report, resource_type, WriteKind::Updated),
             _ => {
                 report.rejected += 1;

@@ -70,7 +70,11 @@ impl Embedded {
     }
 
     /// Opens the store in `data_dir` and starts everything.
-    pub async fn open(data_dir: &Path, config: ServerConfig, export: ExportSettings) -> Result<Self, StoreError> {
+    pub async fn open(
+        data_dir: &Path,
+        config: ServerConfig,
+        export: ExportSettings,
+    ) -> Result<Self, StoreError> {
         let dir = data_dir.to_owned();
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
             .await

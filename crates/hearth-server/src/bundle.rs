@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use hearth_fhir::envelope::{IdPolicy, PreparedResource, prepare, replace_string_values};
@@ -16,7 +16,9 @@ use serde_json::value::RawValue;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, write_error_status};
-use crate::http_util::{fhir_json, parse_etag, read_body, require_json_body};
+use crate::http_util::{
+    fhir_json, parse_etag, parse_query, read_body, require_json_body, require_json_response,
+};
 use crate::rest::{EntryResponse, known_type, valid_id};
 
 #[derive(Deserialize)]
@@ -204,8 +206,29 @@ fn written_response(written: &Written) -> EntryResponse {
         location,
         etag: exists.then(|| format!("W/\"{}\"", written.version)),
         last_modified: exists.then(|| format_instant(written.last_updated)),
-        outcome: None,
+        outcome: (written.kind == WriteKind::Unchanged)
+            .then(unchanged_outcome)
+            .flatten(),
     }
+}
+
+/// Where a batch entry's update changed nothing, say so the way HAPI FHIR does, so loaders
+/// can tell a no-op from an update.
+pub const STORAGE_RESPONSE_SYSTEM: &str =
+    "https://hapifhir.io/fhir/CodeSystem/hapi-fhir-storage-response-code";
+pub const UNCHANGED_CODE: &str = "SUCCESSFUL_UPDATE_NO_CHANGE";
+
+fn unchanged_outcome() -> Option<Box<RawValue>> {
+    let outcome = serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{
+            "severity": "information",
+            "code": "informational",
+            "details": {"coding": [{"system": STORAGE_RESPONSE_SYSTEM, "code": UNCHANGED_CODE}]},
+            "diagnostics": "the content equals the current version; no new version was written"
+        }]
+    });
+    RawValue::from_string(outcome.to_string()).ok()
 }
 
 fn failed_response(status: StatusCode, message: &str) -> EntryResponse {
@@ -232,9 +255,11 @@ fn failed_response(status: StatusCode, message: &str) -> EntryResponse {
 
 pub async fn process(
     State(app): State<AppState>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    require_json_response(&headers, &parse_query(query.as_deref()))?;
     require_json_body(&headers)?;
     let body = read_body(&headers, body, app.config.max_body_bytes).await?;
     let bundle: BundleIn<'_> = serde_json::from_slice(&body)
@@ -310,8 +335,25 @@ pub async fn process(
             if !seen.insert(key.clone()) {
                 return Err(entry_error(
                     index,
-                    format!("{}/{} is changed by more than one entry", key.0, key.1),
+                    format!("{}/{} appears in more than one entry", key.0, key.1),
                 ));
+            }
+        }
+    }
+
+    // A transaction fails as a whole: its reads must succeed before anything is written (the
+    // duplicate check above guarantees the writes cannot change what they read).
+    if mode == BatchMode::Atomic {
+        for (index, action) in actions.iter().enumerate() {
+            if let Ok(Action::Read {
+                resource_type,
+                id,
+                version,
+            }) = action
+            {
+                read_entry(&app, resource_type, id, *version)
+                    .await?
+                    .map_err(|e| in_entry(index, e))?;
             }
         }
     }
@@ -438,6 +480,36 @@ pub async fn process(
     };
     let body = serde_json::to_vec(&response).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(fhir_json(StatusCode::OK, body))
+}
+
+/// A GET entry: the outer error is the store's, the inner one the entry's own answer.
+async fn read_entry(
+    app: &AppState,
+    resource_type: &str,
+    id: &str,
+    version: Option<u64>,
+) -> ApiResult<ApiResult<StoredVersion>> {
+    let found = match version {
+        Some(v) => app.store.read_version(resource_type, id, v).await?,
+        None => app.store.read(resource_type, id).await?,
+    };
+    Ok(match found {
+        Some(stored) if !stored.deleted => Ok(stored),
+        Some(_) => Err(ApiError::Gone(format!("{resource_type}/{id} was deleted"))),
+        None => Err(ApiError::NotFound(format!(
+            "{resource_type}/{id} does not exist"
+        ))),
+    })
+}
+
+/// Names the entry in an error that fails a whole transaction.
+fn in_entry(index: usize, error: ApiError) -> ApiError {
+    let message = format!("Bundle.entry[{index}]: {error}");
+    match error {
+        ApiError::NotFound(_) => ApiError::NotFound(message),
+        ApiError::Gone(_) => ApiError::Gone(message),
+        _ => entry_error(index, error),
+    }
 }
 
 fn error_status(error: &ApiError) -> StatusCode {

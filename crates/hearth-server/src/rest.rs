@@ -107,13 +107,28 @@ pub async fn vread(
     Ok(resource_response(StatusCode::OK, stored, None))
 }
 
+/// Conditional interactions are not implemented: refuse them rather than ignore them.
+fn refuse_conditional_headers(headers: &HeaderMap) -> ApiResult<()> {
+    for name in ["if-none-exist", "if-none-match"] {
+        if headers.contains_key(name) {
+            return Err(ApiError::NotSupported(format!(
+                "conditional interactions ({name}) are not supported"
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub async fn create(
     State(app): State<AppState>,
     Path(resource_type): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    require_json_response(&headers, &parse_query(query.as_deref()))?;
     let resource_type = known_type(&resource_type)?;
+    refuse_conditional_headers(&headers)?;
     require_json_body(&headers)?;
     let body = read_body(&headers, body, app.config.max_body_bytes).await?;
     let id = uuid::Uuid::new_v4().to_string();
@@ -133,11 +148,14 @@ pub async fn create(
 pub async fn update(
     State(app): State<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    require_json_response(&headers, &parse_query(query.as_deref()))?;
     let resource_type = known_type(&resource_type)?;
     let id = valid_id(&id)?.to_owned();
+    refuse_conditional_headers(&headers)?;
     require_json_body(&headers)?;
     let if_match = if_match(&headers)?;
     let body = read_body(&headers, body, app.config.max_body_bytes).await?;
@@ -157,8 +175,10 @@ pub async fn update(
 pub async fn delete(
     State(app): State<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    require_json_response(&headers, &parse_query(query.as_deref()))?;
     let resource_type = known_type(&resource_type)?;
     let id = valid_id(&id)?.to_owned();
     let if_match = if_match(&headers)?;
@@ -403,39 +423,44 @@ pub async fn history(
 pub async fn update_binary(
     state: State<AppState>,
     Path(id): Path<String>,
+    query: RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    update(state, Path(("Binary".to_owned(), id)), headers, body).await
+    update(state, Path(("Binary".to_owned(), id)), query, headers, body).await
 }
 
 pub async fn delete_binary(
     state: State<AppState>,
     Path(id): Path<String>,
+    query: RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    delete(state, Path(("Binary".to_owned(), id)), headers).await
+    delete(state, Path(("Binary".to_owned(), id)), query, headers).await
 }
 
 pub async fn update_operation_definition(
     state: State<AppState>,
     Path(id): Path<String>,
+    query: RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    update(
-        state,
-        Path(("OperationDefinition".to_owned(), id)),
-        headers,
-        body,
-    )
-    .await
+    let path = Path(("OperationDefinition".to_owned(), id));
+    update(state, path, query, headers, body).await
 }
 
 pub async fn delete_operation_definition(
     state: State<AppState>,
     Path(id): Path<String>,
+    query: RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    delete(state, Path(("OperationDefinition".to_owned(), id)), headers).await
+    delete(
+        state,
+        Path(("OperationDefinition".to_owned(), id)),
+        query,
+        headers,
+    )
+    .await
 }

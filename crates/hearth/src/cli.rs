@@ -66,6 +66,10 @@ struct ServeArgs {
     /// Unfinished exports one client may have before kick-offs answer 429.
     #[arg(long, env = "HEARTH_MAX_ACTIVE_EXPORTS", default_value_t = 16)]
     max_active_exports: u64,
+    /// Planned size of an export work unit, in resources: smaller units spread a job over more
+    /// workers and lose less work to a crash.
+    #[arg(long, env = "HEARTH_EXPORT_UNIT_ROWS", default_value_t = 100_000)]
+    export_unit_rows: u64,
     /// Accept export kick-offs that have no Accept header.
     #[arg(long, env = "HEARTH_LENIENT_HEADERS")]
     lenient_headers: bool,
@@ -229,11 +233,13 @@ async fn serve_store(args: ServeArgs, store: Arc<SqliteStore>) -> anyhow::Result
         .trim_end_matches('/')
         .to_owned();
     let export = ExportSettings {
-        workers: args.export_workers.unwrap_or(ExportSettings::default().workers),
+        workers: args
+            .export_workers
+            .unwrap_or(ExportSettings::default().workers),
         max_file_bytes: args.max_file_bytes,
         ttl: args.export_ttl,
         max_active_exports: args.max_active_exports,
-        ..ExportSettings::default()
+        rows_per_unit: args.export_unit_rows.max(1),
     };
     let workers = export.workers;
     let config = ServerConfig {

@@ -1,0 +1,7 @@
+//! End-to-end tests of the FHIR REST edge: a real server on a loopback port over a fresh
+//! SQLite store, driven through HTTP the way a client sees it.
+
+mod bundle;
+mod helpers;
+mod rest;
+mod search;

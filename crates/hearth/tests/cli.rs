@@ -1,0 +1,142 @@
+//! The `hearth` binary as a user runs it: `hearth load`.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_store::{SqliteStore, Store};
+use tempfile::TempDir;
+
+/// Runs `hearth` with `args`, its environment cleared of `HEARTH_*` settings, and waits at
+/// most a minute.
+fn hearth(args: &[&std::ffi::OsStr]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("HEARTH_") {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command.spawn().expect("hearth starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().expect("waiting for hearth").is_some() {
+            return child.wait_with_output().expect("hearth's output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("hearth's output");
+            panic!(
+                "hearth did not finish within a minute; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn load(input: &Path, data: &Path) -> Output {
+    hearth(&[
+        "load".as_ref(),
+        input.as_os_str(),
+        "--data".as_ref(),
+        data.as_os_str(),
+    ])
+}
+
+async fn stored(data: &Path, resource_type: &str, id: &str) -> bool {
+    let store = Arc::new(SqliteStore::open(data).expect("the data directory opens"));
+    let found = store
+        .read(resource_type, id)
+        .await
+        .expect("a read")
+        .is_some_and(|v| !v.deleted);
+    store.close().await.expect("close");
+    found
+}
+
+#[tokio::test]
+async fn load_with_a_bad_line_exits_non_zero_and_names_file_and_line() {
+    let input = TempDir::new().unwrap();
+    let data = TempDir::new().unwrap();
+    let file = input.path().join("patients.ndjson");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"resourceType":"Patient","id":"cli-1"}"#,
+            "\n",
+            r#"{"resourceType":"Patient","id":"cli-broken""#,
+            "\n",
+            r#"{"resourceType":"Patient","id":"cli-3"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let data_dir = data.path().join("db");
+
+    let output = load(input.path(), &data_dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let expected = format!("{}:2:", file.display());
+    assert!(
+        stderr.contains(&expected),
+        "stderr does not name {expected}: {stderr}"
+    );
+    assert!(
+        !stderr.contains(&format!("{}:1:", file.display()))
+            && !stderr.contains(&format!("{}:3:", file.display())),
+        "a good line was reported: {stderr}"
+    );
+
+    // The good lines were loaded all the same.
+    assert!(stored(&data_dir, "Patient", "cli-1").await);
+    assert!(stored(&data_dir, "Patient", "cli-3").await);
+}
+
+#[tokio::test]
+async fn load_of_clean_input_exits_0() {
+    let input = TempDir::new().unwrap();
+    let data = TempDir::new().unwrap();
+    std::fs::write(
+        input.path().join("clean.ndjson"),
+        concat!(
+            r#"{"resourceType":"Patient","id":"clean-1"}"#,
+            "\n",
+            r#"{"resourceType":"Observation","id":"clean-2","status":"final","code":{"text":"x"}}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let data_dir = data.path().join("db");
+
+    let output = load(input.path(), &data_dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stdout.contains("loaded 2 resources"), "stdout: {stdout}");
+    assert!(stored(&data_dir, "Patient", "clean-1").await);
+    assert!(stored(&data_dir, "Observation", "clean-2").await);
+
+    // Loading it again is just as clean.
+    let again = load(input.path(), &data_dir);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
