@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use hearth_fhir::instant::{Micros, now_micros, write_instant};
 use hearth_fhir::outcome::{Issue, Severity, operation_outcome};
 use hearth_store::jobs::{
-    CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, NewJob, UnitCommit, UnitKind,
+    CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, NewJob, Snapshot, UnitCommit,
+    UnitKind,
 };
 use hearth_store::{Backend, StoreError};
 use tokio::runtime::Handle;
@@ -205,6 +206,7 @@ impl ExportEngine {
         )
         .await?;
         let files = self.write_ignored_report(&id, &request)?;
+        let nothing_to_do = planned.units.is_empty();
         inner
             .backend
             .insert_job(NewJob {
@@ -213,7 +215,12 @@ impl ExportEngine {
                 request: serde_json::to_string(&request)
                     .map_err(|e| StoreError::Internal(e.to_string()))?,
                 request_url: request.request_url.clone(),
-                snapshot,
+                // With `_until`, units read as of that instant; transactionTime stays the
+                // kick-off's.
+                snapshot: Snapshot {
+                    seq: planned.visible_seq,
+                    ..snapshot
+                },
                 created_at: now_micros(),
                 estimated_resources: planned.estimated_resources,
                 units: planned.units,
@@ -221,6 +228,10 @@ impl ExportEngine {
             })
             .await?;
         tracing::info!(job = %id, client, resources = planned.estimated_resources, "export job queued");
+        if nothing_to_do {
+            inner.finalize(&id).await;
+            return Ok(id);
+        }
         if let Ok(mut generation) = inner.wake.0.lock() {
             *generation += 1;
         }

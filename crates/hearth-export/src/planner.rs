@@ -1,7 +1,7 @@
 //! Splitting a job into work units: (resource type × change-sequence range), largest first.
 
 use hearth_store::jobs::{Snapshot, UnitKind, UnitPlan};
-use hearth_store::{Backend, StoreError};
+use hearth_store::{Backend, Seq, StoreError};
 
 use crate::request::ExportRequest;
 
@@ -9,6 +9,9 @@ use crate::request::ExportRequest;
 pub struct Plan {
     pub units: Vec<UnitPlan>,
     pub estimated_resources: u64,
+    /// The change sequence number the export reads as of: the snapshot's, or earlier with
+    /// `_until` (the versions current just before that instant).
+    pub visible_seq: Seq,
 }
 
 /// Plans `request` against `snapshot`. Ranges are cut from the index counts, so units of one
@@ -77,5 +80,6 @@ pub async fn plan(
     Ok(Plan {
         units,
         estimated_resources,
+        visible_seq: upto,
     })
 }

@@ -15,7 +15,6 @@ use hearth_fhir::instant::now_micros;
 use hearth_fhir::outcome::{Issue, operation_outcome};
 use hearth_store::jobs::CancelOutcome;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::AppState;
@@ -28,27 +27,27 @@ use crate::http_util::{
 const ANONYMOUS: &str = "anonymous";
 
 #[derive(Deserialize)]
-struct ParametersIn<'a> {
+struct ParametersIn {
     #[serde(rename = "resourceType")]
     resource_type: Option<String>,
-    #[serde(default, borrow)]
-    parameter: Vec<ParameterIn<'a>>,
-}
-
-#[derive(Deserialize)]
-struct ParameterIn<'a> {
-    name: String,
-    #[serde(flatten, borrow)]
-    values: std::collections::BTreeMap<String, &'a RawValue>,
+    #[serde(default)]
+    parameter: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A `Parameters` body as name/value pairs: primitives as their text, references as their
-/// `reference`.
+/// `reference`. (Parameter values here are codes, strings, instants and booleans, so reading
+/// them through `Value` loses nothing.)
 fn parameters_body(body: &[u8]) -> ApiResult<QueryParams> {
+    use serde_json::Value;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Vec::new());
     }
-    let parsed: ParametersIn<'_> = serde_json::from_slice(body).map_err(|e| {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::invalid(
+            "the body must be a Parameters resource (a JSON object)",
+        ));
+    }
+    let parsed: ParametersIn = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(format!("the body is not a valid Parameters resource: {e}"))
     })?;
     if parsed.resource_type.as_deref() != Some("Parameters") {
@@ -56,45 +55,26 @@ fn parameters_body(body: &[u8]) -> ApiResult<QueryParams> {
     }
     let mut pairs = Vec::with_capacity(parsed.parameter.len());
     for parameter in parsed.parameter {
-        let Some((kind, raw)) = parameter
-            .values
+        let Some(Value::String(name)) = parameter.get("name") else {
+            return Err(ApiError::invalid("every Parameters.parameter needs a name"));
+        };
+        let value = parameter
             .iter()
-            .find(|(k, _)| k.starts_with("value"))
-        else {
-            return Err(ApiError::invalid_parameter(
-                &parameter.name,
-                format!("parameter '{}' has no value", parameter.name),
-            ));
-        };
-        let value = match kind.as_str() {
-            "valueReference" => {
-                #[derive(Deserialize)]
-                struct Reference {
-                    reference: Option<String>,
-                }
-                serde_json::from_str::<Reference>(raw.get())
-                    .ok()
-                    .and_then(|r| r.reference)
-                    .ok_or_else(|| {
-                        ApiError::invalid_parameter(
-                            &parameter.name,
-                            "valueReference needs a reference",
-                        )
-                    })?
-            }
-            _ => match serde_json::from_str::<serde_json::Value>(raw.get()) {
-                Ok(serde_json::Value::String(text)) => text,
-                Ok(serde_json::Value::Bool(b)) => b.to_string(),
-                Ok(serde_json::Value::Number(n)) => n.to_string(),
-                _ => {
-                    return Err(ApiError::invalid_parameter(
-                        &parameter.name,
-                        format!("parameter '{}' has an unsupported {kind}", parameter.name),
-                    ));
-                }
-            },
-        };
-        pairs.push((parameter.name, value));
+            .find(|(key, _)| key.starts_with("value"))
+            .and_then(|(kind, value)| match (kind.as_str(), value) {
+                ("valueReference", Value::Object(reference)) => reference
+                    .get("reference")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                (_, Value::String(text)) => Some(text.clone()),
+                (_, Value::Bool(b)) => Some(b.to_string()),
+                (_, Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                ApiError::invalid_parameter(name, format!("parameter '{name}' has no usable value"))
+            })?;
+        pairs.push((name.clone(), value));
     }
     Ok(pairs)
 }

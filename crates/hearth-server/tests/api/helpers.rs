@@ -415,3 +415,205 @@ pub fn patient(family: &str) -> Value {
         "name": [{"family": family}]
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Servers configured unlike the default one, and requests reqwest cannot send.
+
+/// How a test server differs from the one `spawn_server` starts.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// `ServerConfig::lenient_headers`: accept an export kick-off without `Accept`.
+    pub lenient_headers: bool,
+    pub export: ExportSettings,
+    /// Load the 10-patient Synthea set before the server starts.
+    pub synthea: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            lenient_headers: false,
+            export: ExportSettings {
+                workers: 1,
+                ..ExportSettings::default()
+            },
+            synthea: false,
+        }
+    }
+}
+
+/// A server started with `options`.
+pub async fn spawn_server_with_options(options: ServerOptions) -> TestServer {
+    let dir = TempDir::new().expect("temp dir");
+    let store = open_store(&dir);
+    if options.synthea {
+        let files = hearth_load::expand_paths(&[synthea_dir()]).expect("the test data is there");
+        let report = hearth_load::load(
+            files,
+            Target::Store(store.clone()),
+            BatchLimits::default(),
+            &mut NoRejections,
+        )
+        .await
+        .expect("the test data loads");
+        assert_eq!(report.rejected, 0);
+        assert_eq!(report.loaded, 2523);
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let origin = format!("http://{addr}");
+    let base = format!("{origin}/fhir");
+    let Embedded { state, engine, .. } = Embedded::start(
+        store.clone(),
+        dir.path(),
+        ServerConfig {
+            base_url: base.clone(),
+            max_body_bytes: DEFAULT_MAX_BODY,
+            lenient_headers: options.lenient_headers,
+        },
+        options.export,
+    )
+    .await
+    .expect("the embedded stack starts");
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = hearth_server::serve(listener, state, async move {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    TestServer {
+        base,
+        origin,
+        client,
+        store,
+        engine,
+        shutdown: Some(shutdown),
+        dir,
+    }
+}
+
+/// A response read off the wire by [`TestServer::raw`].
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body with any chunked transfer coding removed.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of a header (`name` in lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "the body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+impl TestServer {
+    /// Sends one HTTP/1.1 request with exactly `headers` (plus `Host`, `Connection: close` and,
+    /// with a body, `Content-Length`) over a fresh loopback connection: for requests without an
+    /// `Accept` header, which reqwest always adds.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> RawResponse {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let url = self.url(path);
+        let target = url
+            .strip_prefix(&self.origin)
+            .unwrap_or_else(|| panic!("{url} is not on this server"));
+        let host = self.origin.trim_start_matches("http://");
+        let mut head =
+            format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" || method == "PUT" {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(host).await?;
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body).await?;
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).await?;
+            Ok::<_, std::io::Error>(received)
+        };
+        let received = tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .expect("the raw request is answered within 30 s")
+            .expect("the raw exchange works");
+        parse_raw_response(&received)
+    }
+}
+
+fn parse_raw_response(received: &[u8]) -> RawResponse {
+    let end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = std::str::from_utf8(&received[..end]).expect("a text head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("a status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status line with a code: {status_line}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let mut rest = &received[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+    let body = if chunked {
+        let mut body = Vec::new();
+        loop {
+            let line_end = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a chunk size line");
+            let size_text = std::str::from_utf8(&rest[..line_end]).expect("a text chunk size");
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .expect("a hex chunk size");
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body
+    } else {
+        rest.to_vec()
+    };
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}

@@ -2,6 +2,7 @@
 //! SQLite store, driven through HTTP the way a client sees it.
 
 mod bundle;
+mod export;
 mod helpers;
 mod rest;
 mod search;

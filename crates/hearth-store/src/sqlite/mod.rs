@@ -24,6 +24,16 @@ pub use jobs::scan;
 pub use schema::SCHEMA_VERSION;
 use writer::{Writer, WriterHandle};
 
+/// The 64-bit key of a resource, `xxh3("type/id")`, that the id and compartment indexes use.
+/// Stable across versions of Hearth: it is stored.
+pub fn resource_key(resource_type: &str, id: &str) -> i64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(resource_type.as_bytes());
+    hasher.update(b"/");
+    hasher.update(id.as_bytes());
+    hasher.digest() as i64
+}
+
 /// The file name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "hearth.db";
 
@@ -88,7 +98,7 @@ impl Inner {
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        schema::configure(&conn)?;
+        schema::configure(&conn, schema::READER_CACHE_KIB)?;
         Ok(conn)
     }
 

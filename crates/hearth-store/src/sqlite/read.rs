@@ -6,6 +6,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
 
 use crate::error::StoreError;
 use crate::model::{SearchPage, SearchQuery, Seq, StoredVersion};
+use crate::sqlite::resource_key;
 
 const COLUMNS: &str = "res_type, res_id, version, last_updated, seq, deleted, body";
 
@@ -27,11 +28,12 @@ pub(crate) fn current(
     id: &str,
 ) -> Result<Option<StoredVersion>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM resource_version WHERE res_type = ?1 AND res_id = ?2
+        "SELECT {COLUMNS} FROM resource_version WHERE id_key = ?3 AND res_type = ?1 AND res_id = ?2
          ORDER BY version DESC LIMIT 1"
     ))?;
+    let key = resource_key(resource_type, id);
     Ok(stmt
-        .query_row(params![resource_type, id], stored_version)
+        .query_row(params![resource_type, id, key], stored_version)
         .optional()?)
 }
 
@@ -42,10 +44,15 @@ pub(crate) fn version(
     version: u64,
 ) -> Result<Option<StoredVersion>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM resource_version WHERE res_type = ?1 AND res_id = ?2 AND version = ?3"
+        "SELECT {COLUMNS} FROM resource_version
+         WHERE id_key = ?4 AND version = ?3 AND res_type = ?1 AND res_id = ?2"
     ))?;
+    let key = resource_key(resource_type, id);
     Ok(stmt
-        .query_row(params![resource_type, id, version as i64], stored_version)
+        .query_row(
+            params![resource_type, id, version as i64, key],
+            stored_version,
+        )
         .optional()?)
 }
 
@@ -57,12 +64,14 @@ pub(crate) fn history(
     count: usize,
 ) -> Result<Vec<StoredVersion>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM resource_version WHERE res_type = ?1 AND res_id = ?2 AND version < ?3
+        "SELECT {COLUMNS} FROM resource_version
+         WHERE id_key = ?5 AND version < ?3 AND res_type = ?1 AND res_id = ?2
          ORDER BY version DESC LIMIT ?4"
     ))?;
     let before = before_version.map_or(i64::MAX, |v| v as i64);
+    let key = resource_key(resource_type, id);
     let rows = stmt.query_map(
-        params![resource_type, id, before, count as i64],
+        params![resource_type, id, before, count as i64, key],
         stored_version,
     )?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -122,7 +131,13 @@ pub(crate) fn search(conn: &Connection, query: &SearchQuery) -> Result<SearchPag
         Value::Integer(high),
     ];
     if !query.ids.is_empty() {
-        conditions.push_str(" AND res_id IN (");
+        // The id index narrows to a handful of rows; the text comparison rules out collisions.
+        conditions.push_str(" AND id_key IN (");
+        for (i, id) in query.ids.iter().enumerate() {
+            conditions.push_str(if i == 0 { "?" } else { ",?" });
+            values.push(Value::Integer(resource_key(&query.resource_type, id)));
+        }
+        conditions.push_str(") AND res_id IN (");
         for (i, id) in query.ids.iter().enumerate() {
             conditions.push_str(if i == 0 { "?" } else { ",?" });
             values.push(Value::Text(id.clone()));

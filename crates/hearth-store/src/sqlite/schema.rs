@@ -15,6 +15,9 @@ const MIGRATIONS: &[&str] = &[
         seq           INTEGER PRIMARY KEY,
         res_type      TEXT    NOT NULL,
         res_id        TEXT    NOT NULL,
+        -- A 64-bit hash of "type/id" (see `resource_key`): the id index stays a fifth of the
+        -- size of one on the text, so it fits in cache and large loads keep their speed.
+        id_key        INTEGER NOT NULL,
         version       INTEGER NOT NULL,
         -- Microseconds since the epoch; strictly increasing with seq.
         last_updated  INTEGER NOT NULL,
@@ -27,14 +30,15 @@ const MIGRATIONS: &[&str] = &[
         -- Compact JSON exactly as exported; empty for tombstones.
         body          BLOB    NOT NULL
     );
-    CREATE UNIQUE INDEX resource_version_by_id ON resource_version (res_type, res_id, version);
+    CREATE INDEX resource_version_by_key ON resource_version (id_key, version);
     CREATE INDEX resource_version_by_type ON resource_version (res_type, seq);
 
-    -- Which patients' compartments each version belongs to (R4 Patient CompartmentDefinition).
+    -- Which patients' compartments each version belongs to (R4 Patient CompartmentDefinition),
+    -- by the patient's `resource_key("Patient", id)`.
     CREATE TABLE compartment_member (
-        patient_id TEXT    NOT NULL,
-        seq        INTEGER NOT NULL,
-        PRIMARY KEY (patient_id, seq)
+        patient_key INTEGER NOT NULL,
+        seq         INTEGER NOT NULL,
+        PRIMARY KEY (patient_key, seq)
     ) WITHOUT ROWID;
     "#,
     // 2: durable export jobs, their work units and their files.
@@ -96,13 +100,19 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// Page cache of the writer, in KiB: index pages of large loads stay in memory.
+pub const WRITER_CACHE_KIB: i64 = 65_536;
+/// Page cache of each reader, in KiB: scans stream through the OS page cache, so a small one
+/// keeps many readers' memory bounded.
+pub const READER_CACHE_KIB: i64 = 8_192;
+
 /// Settings every connection gets. 64 KiB pages make scans and loads far faster on this kind
 /// of data (a resource is ~1.4 kB); WAL lets readers run beside the one writer.
-pub fn configure(conn: &Connection) -> Result<(), StoreError> {
+pub fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
+    conn.pragma_update(None, "cache_size", -cache_kib)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = NORMAL;
-         PRAGMA cache_size = -65536;
          PRAGMA temp_store = MEMORY;
          PRAGMA busy_timeout = 10000;
          PRAGMA foreign_keys = ON;",
@@ -123,7 +133,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         // Only effective before the first table exists.
         conn.execute_batch("PRAGMA page_size = 65536; VACUUM;")?;
     }
-    configure(conn)?;
+    configure(conn, WRITER_CACHE_KIB)?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;

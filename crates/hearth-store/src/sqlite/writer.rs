@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{StoreError, WriteError};
 use crate::model::{BatchMode, Seq, WriteKind, WriteOp, Written};
+use crate::sqlite::resource_key;
 
 type Command = Box<dyn FnOnce(&mut WriterState) + Send>;
 
@@ -54,9 +55,10 @@ impl Writer {
     pub(crate) fn spawn(conn: Connection) -> Result<WriterHandle, StoreError> {
         // The clock restarts past every lastUpdated and every transactionTime handed out, so
         // a `_since` taken from an earlier manifest never misses a later write.
+        // lastUpdated grows with seq, so the newest row holds the largest: no table scan.
         let (last_seq, last_updated): (Seq, Micros) = conn.query_row(
-            "SELECT COALESCE((SELECT MAX(seq) FROM resource_version), 0),
-                    MAX(COALESCE((SELECT MAX(last_updated) FROM resource_version), 0),
+            "SELECT COALESCE((SELECT seq FROM resource_version ORDER BY seq DESC LIMIT 1), 0),
+                    MAX(COALESCE((SELECT last_updated FROM resource_version ORDER BY seq DESC LIMIT 1), 0),
                         COALESCE((SELECT MAX(transaction_time) FROM export_job), 0))",
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
@@ -76,10 +78,7 @@ impl Writer {
                 for command in receiver {
                     command(&mut state);
                 }
-                if let Err(e) = state
-                    .conn
-                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA optimize;")
-                {
+                if let Err(e) = state.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
                     tracing::warn!(error = %e, "final checkpoint failed");
                 }
             })
@@ -166,19 +165,50 @@ fn apply_in_transaction(
     mode: BatchMode,
 ) -> Result<Vec<Result<Written, WriteError>>, StoreError> {
     let tx = conn.transaction()?;
-    let mut results = Vec::with_capacity(ops.len());
-    for (index, op) in ops.into_iter().enumerate() {
-        let result = apply_one(&tx, clock, op)?;
+    let count = ops.len();
+    let mut order: Vec<usize> = (0..count).collect();
+    if mode == BatchMode::Independent {
+        // Visiting the id index in key order reads and dirties each of its pages once per
+        // batch instead of once per resource: random ids otherwise make large stores
+        // load many times slower. The sort is stable, so versions of one resource keep
+        // their order.
+        order.sort_by(|&a, &b| op_key(&ops[a]).cmp(&op_key(&ops[b])));
+    }
+    let mut slots: Vec<Option<WriteOp>> = ops.into_iter().map(Some).collect();
+    let mut results: Vec<Option<Result<Written, WriteError>>> = vec![None; count];
+    let mut members: Vec<(i64, Seq)> = Vec::new();
+    for index in order {
+        let Some(op) = slots[index].take() else {
+            continue;
+        };
+        let result = apply_one(&tx, clock, op, &mut members)?;
         if let (BatchMode::Atomic, Err(error)) = (mode, &result) {
             return Err(StoreError::Entry {
                 index,
                 error: error.clone(),
             });
         }
-        results.push(result);
+        results[index] = Some(result);
     }
+    members.sort_unstable();
+    let mut member = tx.prepare_cached(
+        "INSERT OR IGNORE INTO compartment_member (patient_key, seq) VALUES (?1, ?2)",
+    )?;
+    for (patient, seq) in &members {
+        member.execute(params![patient, seq])?;
+    }
+    drop(member);
     tx.commit()?;
-    Ok(results)
+    Ok(results.into_iter().flatten().collect())
+}
+
+fn op_key(op: &WriteOp) -> (&str, &str) {
+    match op {
+        WriteOp::Put { resource, .. } => (resource.resource_type, resource.id.as_str()),
+        WriteOp::Delete {
+            resource_type, id, ..
+        } => (resource_type, id.as_str()),
+    }
 }
 
 struct Current {
@@ -196,10 +226,11 @@ fn current(
 ) -> Result<Option<Current>, StoreError> {
     let mut stmt = tx.prepare_cached(
         "SELECT seq, version, deleted, content_hash, last_updated FROM resource_version
-         WHERE res_type = ?1 AND res_id = ?2 ORDER BY version DESC LIMIT 1",
+         WHERE id_key = ?1 AND res_type = ?2 AND res_id = ?3 ORDER BY version DESC LIMIT 1",
     )?;
+    let key = resource_key(resource_type, id);
     Ok(stmt
-        .query_row(params![resource_type, id], |row| {
+        .query_row(params![key, resource_type, id], |row| {
             Ok(Current {
                 seq: row.get(0)?,
                 version: row.get::<_, i64>(1)? as u64,
@@ -228,10 +259,13 @@ fn check_if_match(expected: Option<u64>, current: &Option<Current>) -> Result<()
     }
 }
 
+/// Applies one operation; compartment rows are collected into `members` and written in key
+/// order by the caller.
 fn apply_one(
     tx: &Transaction<'_>,
     clock: &mut Clock,
     op: WriteOp,
+    members: &mut Vec<(i64, Seq)>,
 ) -> Result<Result<Written, WriteError>, StoreError> {
     match op {
         WriteOp::Put { resource, if_match } => {
@@ -258,8 +292,8 @@ fn apply_one(
             let body = resource.render(version, last_updated);
             tx.prepare_cached(
                 "INSERT INTO resource_version
-                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 0, ?6, ?7)",
+                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body, id_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 0, ?6, ?7, ?8)",
             )?
             .execute(params![
                 seq,
@@ -268,17 +302,18 @@ fn apply_one(
                 version as i64,
                 last_updated,
                 &hash[..],
-                body
+                body,
+                resource_key(resource.resource_type, &resource.id)
             ])?;
             if let Some(c) = &current {
                 supersede(tx, c.seq, seq)?;
             }
-            let mut member = tx.prepare_cached(
-                "INSERT OR IGNORE INTO compartment_member (patient_id, seq) VALUES (?1, ?2)",
-            )?;
-            for patient in &resource.compartment {
-                member.execute(params![patient, seq])?;
-            }
+            members.extend(
+                resource
+                    .compartment
+                    .iter()
+                    .map(|patient| (resource_key("Patient", patient), seq)),
+            );
             let kind = match &current {
                 Some(c) if !c.deleted => WriteKind::Updated,
                 _ => WriteKind::Created,
@@ -315,10 +350,10 @@ fn apply_one(
             let version = live.version + 1;
             tx.prepare_cached(
                 "INSERT INTO resource_version
-                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 1, x'', x'')",
+                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body, id_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 1, x'', x'', ?6)",
             )?
-            .execute(params![seq, resource_type, id, version as i64, last_updated])?;
+            .execute(params![seq, resource_type, id, version as i64, last_updated, resource_key(resource_type, &id)])?;
             supersede(tx, live.seq, seq)?;
             Ok(Ok(Written {
                 resource_type,

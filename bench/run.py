@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Hearth's benchmarks: load, export, download, status-poll latency, with a baseline measured in
+the same run. Results are medians of --runs runs; paste the printed table into BENCHMARKS.md.
+
+    python3 bench/run.py load   --data /tmp/bench DIR...        # hearth load rate and peak RSS
+    python3 bench/run.py export --data /tmp/bench [--runs 3]    # kick-off → manifest, downloads, RSS, poll latency
+
+Needs a release build (cargo build --release -p hearth) and, for poll latency, wrk.
+"""
+import argparse, gzip, json, os, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEARTH = os.path.join(ROOT, "target", "release", "hearth")
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close(); return port
+
+
+def request(url, method="GET", headers=None):
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def peak_rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Server:
+    def __init__(self, data, extra=()):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}/fhir"
+        self.log = open(os.path.join(data, "bench-server.log"), "w")
+        self.proc = subprocess.Popen([HEARTH, "serve", "--data", data, "--addr", f"127.0.0.1:{self.port}", *extra],
+                                     stdout=self.log, stderr=self.log, env={**os.environ, "RUST_LOG": "warn"})
+        for _ in range(400):
+            try:
+                if request(self.base + "/metadata")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.025)
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.proc.terminate(); self.proc.wait(timeout=60); self.log.close()
+
+
+def export_once(server, poll=0.05, params=""):
+    started = time.perf_counter()
+    status, headers, _ = request(server.base + "/$export" + params,
+                                 headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
+    assert status == 202, status
+    location = headers["content-location"]
+    while True:
+        status, headers, body = request(location)
+        if status == 200:
+            return time.perf_counter() - started, json.loads(body), location
+        assert status == 202, (status, body)
+        time.sleep(poll)
+
+
+def download_all(manifest, gzip_encoding, parallel=2):
+    urls = [item["url"] for item in manifest["output"]]
+    total = [0]
+    lock = threading.Lock()
+
+    def worker(chunk):
+        for url in chunk:
+            headers = {"Accept-Encoding": "gzip"} if gzip_encoding else {}
+            req = urllib.request.Request(url, headers=headers)
+            n = 0
+            with urllib.request.urlopen(req, timeout=600) as r:
+                if gzip_encoding:
+                    with gzip.GzipFile(fileobj=r) as g:
+                        while True:
+                            b = g.read(1 << 20)
+                            if not b: break
+                            n += len(b)
+                else:
+                    while True:
+                        b = r.read(1 << 20)
+                        if not b: break
+                        n += len(b)
+            with lock:
+                total[0] += n
+
+    chunks = [urls[i::parallel] for i in range(parallel)]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(c,)) for c in chunks]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    return time.perf_counter() - started, total[0]
+
+
+def cat_baseline(manifest, data):
+    """cat of the same NDJSON bytes to the same disk (files exported just before: page cache warm)."""
+    job = manifest_job_dir(data, manifest)
+    files = sorted(os.path.join(job, f) for f in os.listdir(job))
+    out = os.path.join(data, "cat-baseline.ndjson")
+    started = time.perf_counter()
+    subprocess.run(f"cat {' '.join(files)} > {out}", shell=True, check=True)
+    elapsed = time.perf_counter() - started
+    size = os.path.getsize(out)
+    os.remove(out)
+    return elapsed, size
+
+
+def manifest_job_dir(data, manifest):
+    exports = os.path.join(data, "exports")
+    newest = max((os.path.join(exports, d) for d in os.listdir(exports)), key=os.path.getmtime)
+    return newest
+
+
+def cmd_load(args):
+    results = []
+    for run in range(args.runs):
+        shutil.rmtree(args.data, ignore_errors=True)
+        started = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-v", HEARTH, "load", *args.paths, "--data", args.data],
+                              capture_output=True, text=True, check=True)
+        elapsed = time.perf_counter() - started
+        rss = next(int(l.split()[-1]) for l in proc.stderr.splitlines() if "Maximum resident" in l)
+        loaded = next(l for l in proc.stdout.splitlines() if l.startswith("loaded"))
+        count = int(loaded.split()[1])
+        results.append((elapsed, count / elapsed, rss))
+        print(f"run {run + 1}: {count} resources in {elapsed:.2f} s = {count / elapsed:,.0f}/s, peak RSS {rss / 1024:.0f} MiB")
+    print(f"median: {statistics.median(r[1] for r in results):,.0f} resources/s, peak RSS {max(r[2] for r in results) / 1024:.0f} MiB")
+
+
+def cmd_export(args):
+    server = Server(args.data, extra=["--export-workers", str(args.workers)])
+    try:
+        rows = []
+        for run in range(args.runs):
+            elapsed, manifest, location = export_once(server)
+            resources = sum(item["count"] for item in manifest["output"])
+            cat_s, size = cat_baseline(manifest, args.data)
+            dl_s, dl_bytes = download_all(manifest, gzip_encoding=False)
+            gz_s, gz_bytes = download_all(manifest, gzip_encoding=True)
+            rows.append(dict(export_s=elapsed, rate=resources / elapsed, cat_s=cat_s, ratio=elapsed / cat_s,
+                             dl=dl_bytes / dl_s / 1e6, gz=gz_bytes / gz_s / 1e6))
+            print(f"run {run + 1}: {resources:,} resources, {size / 1e6:,.0f} MB: export {elapsed:.3f} s "
+                  f"({resources / elapsed:,.0f}/s), cat {cat_s:.3f} s (x{elapsed / cat_s:.2f}); "
+                  f"download {dl_bytes / dl_s / 1e6:,.0f} MB/s, gzip {gz_bytes / gz_s / 1e6:,.0f} MB/s (uncompressed)")
+            request(location, method="DELETE")
+        med = lambda k: statistics.median(r[k] for r in rows)
+        print(f"median: export {med('export_s'):.3f} s = {med('rate'):,.0f} resources/s; cat {med('cat_s'):.3f} s; "
+              f"ratio x{med('ratio'):.2f}; download {med('dl'):,.0f} MB/s; gzip {med('gz'):,.0f} MB/s")
+        if shutil.which("wrk"):
+            poll_latency(server)
+        print(f"server peak RSS: {peak_rss_kb(server.proc.pid) / 1024:.0f} MiB")
+    finally:
+        server.stop()
+
+
+def poll_latency(server):
+    """wrk on $export-poll-status of a job that is running while it is measured."""
+    status, headers, _ = request(server.base + "/$export",
+                                 headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
+    location = headers["content-location"]
+    request(location)  # the first poll
+    out = subprocess.run(["wrk", "-t2", "-c32", "-d10s", "--latency", location], capture_output=True, text=True)
+    lines = [l for l in out.stdout.splitlines() if any(k in l for k in ("50%", "99%", "Requests/sec", "Non-2xx"))]
+    print("poll latency under wrk (32 connections, 10 s, an export running in the same period):")
+    for l in lines:
+        print("   " + l.strip())
+    request(location, method="DELETE")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    load = sub.add_parser("load"); load.add_argument("paths", nargs="+"); load.add_argument("--data", required=True)
+    load.add_argument("--runs", type=int, default=3)
+    export = sub.add_parser("export"); export.add_argument("--data", required=True)
+    export.add_argument("--runs", type=int, default=3); export.add_argument("--workers", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    {"load": cmd_load, "export": cmd_export}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
