@@ -1,6 +1,6 @@
 //! The export engine: kick-off, status, cancel, files, and the worker pool that does the work.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -100,6 +100,8 @@ struct Inner {
     cancelled: Mutex<HashSet<String>>,
     shutdown: AtomicBool,
     wake: (Mutex<u64>, Condvar),
+    /// Recently read job rows, by id, with when they were read.
+    job_cache: Mutex<HashMap<String, (Instant, JobRecord)>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -134,6 +136,7 @@ impl ExportEngine {
                 cancelled: Mutex::new(HashSet::new()),
                 shutdown: AtomicBool::new(false),
                 wake: (Mutex::new(0), Condvar::new()),
+                job_cache: Mutex::new(HashMap::new()),
                 workers: Mutex::new(Vec::new()),
             }),
         };
@@ -280,8 +283,19 @@ impl ExportEngine {
     /// poll and to remember that the manifest was shown.
     pub async fn status(&self, id: &str) -> Result<JobView, StoreError> {
         let backend = &self.inner.backend;
-        let Some(job) = backend.job(id).await? else {
-            return Ok(JobView::NotFound);
+        let job = match self.inner.cached_job(id) {
+            Some(job) => job,
+            None => {
+                let Some(job) = backend.job(id).await? else {
+                    return Ok(JobView::NotFound);
+                };
+                // Polls of a job already seen are answered from a recent copy of its row:
+                // clients polling hard cost the store nothing.
+                if job.polls > 0 && (job.status != JobStatus::Completed || job.manifest_shown) {
+                    self.inner.cache_job(&job);
+                }
+                job
+            }
         };
         let now = now_micros();
         if job.status == JobStatus::Cancelled || job.expires_at.is_some_and(|e| e < now) {
@@ -312,6 +326,9 @@ impl ExportEngine {
     /// DELETE on the status URL.
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
         let outcome = self.inner.backend.cancel_job(id).await?;
+        if let Ok(mut cache) = self.inner.job_cache.lock() {
+            cache.remove(id);
+        }
         if outcome != CancelOutcome::NotFound {
             if let Ok(mut cancelled) = self.inner.cancelled.lock() {
                 cancelled.insert(id.to_owned());
@@ -441,7 +458,25 @@ enum Abandon {
     LeaseLost,
 }
 
+/// How long a polled job's row is served from memory: progress lags by at most this much.
+const JOB_CACHE_TTL: Duration = Duration::from_millis(100);
+
 impl Inner {
+    fn cached_job(&self, id: &str) -> Option<JobRecord> {
+        let cache = self.job_cache.lock().ok()?;
+        let (read_at, job) = cache.get(id)?;
+        (read_at.elapsed() < JOB_CACHE_TTL).then(|| job.clone())
+    }
+
+    fn cache_job(&self, job: &JobRecord) {
+        if let Ok(mut cache) = self.job_cache.lock() {
+            if cache.len() >= 1024 {
+                cache.retain(|_, (read_at, _)| read_at.elapsed() < JOB_CACHE_TTL);
+            }
+            cache.insert(job.id.clone(), (Instant::now(), job.clone()));
+        }
+    }
+
     fn remove_job_dir(&self, id: &str) {
         if uuid::Uuid::parse_str(id).is_ok() {
             let _ = std::fs::remove_dir_all(self.config.export_dir.join(id));
@@ -456,6 +491,7 @@ impl Inner {
     }
 
     fn work(self: Arc<Self>, number: usize) {
+        lower_thread_priority();
         let owner = format!("{}-{number}", self.instance);
         while !self.shutdown.load(Ordering::SeqCst) {
             let generation = self.wake.0.lock().map(|g| *g).unwrap_or(0);
@@ -616,6 +652,18 @@ impl Inner {
         if let Err(e) = result {
             tracing::error!(job = %job_id, error = %e, "cannot complete an export job");
         }
+    }
+}
+
+/// Export work is background work: a busy export must not slow status requests and REST
+/// reads, which run on the async workers at normal priority.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority only read their arguments; a failure leaves the priority
+    // as it was, which is harmless.
+    unsafe {
+        let thread = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, 10);
     }
 }
 
