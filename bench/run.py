@@ -5,10 +5,13 @@ the same run. Results are medians of --runs runs; paste the printed table into B
     python3 bench/run.py load   --data /tmp/bench DIR...        # hearth load rate and peak RSS
     python3 bench/run.py export --data /tmp/bench [--runs 3]    # kick-off → manifest, downloads, RSS, poll latency
     python3 bench/run.py read   --data /tmp/bench               # GET [base]/Observation/<id> under wrk
+    python3 bench/run.py client --data /tmp/bench [--parallel 4] # hearth export downloading a whole export: MB/s, peak RSS
+    python3 bench/run.py levels --data /tmp/bench [--runs 3]    # Patient/Group export and _typeFilter vs system
 
 Needs a release build (cargo build --release -p hearth) and, for poll latency, wrk.
 """
 import argparse, gzip, json, os, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import urllib.parse
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,11 +40,11 @@ def peak_rss_kb(pid):
 
 
 class Server:
-    def __init__(self, data, extra=()):
+    def __init__(self, data, extra=(), hearth=HEARTH):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/fhir"
         self.log = open(os.path.join(data, "bench-server.log"), "w")
-        self.proc = subprocess.Popen([HEARTH, "serve", "--data", data, "--addr", f"127.0.0.1:{self.port}", *extra],
+        self.proc = subprocess.Popen([hearth, "serve", "--data", data, "--addr", f"127.0.0.1:{self.port}", *extra],
                                      stdout=self.log, stderr=self.log, env={**os.environ, "RUST_LOG": "warn"})
         for _ in range(400):
             try:
@@ -213,6 +216,126 @@ def cmd_read(args):
         server.stop()
 
 
+def cmd_levels(args):
+    """Patient/Group export and _typeFilter against the system export, measured in one run."""
+    server = Server(args.data, extra=["--export-workers", str(args.workers)])
+    try:
+        kept = []
+
+        def timed(params, path="/$export", keep=False):
+            times, counts = [], []
+            for _ in range(args.runs):
+                started = time.perf_counter()
+                status, headers, body = request(server.base + path + params,
+                                                headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
+                assert status == 202, (status, body)
+                location = headers["content-location"]
+                while True:
+                    status, _, body = request(location)
+                    if status == 200:
+                        break
+                    assert status == 202, (status, body)
+                    time.sleep(0.05)
+                times.append(time.perf_counter() - started)
+                manifest = json.loads(body)
+                counts.append(sum(item["count"] for item in manifest["output"]))
+                if keep:
+                    kept.append(location)
+                else:
+                    request(location, method="DELETE")
+            return statistics.median(times), counts[0], manifest
+
+        system_s, system_n, _ = timed("")
+        print(f"system export: {system_n:,} resources in {system_s:.3f} s = {system_n / system_s:,.0f}/s")
+        patient_s, patient_n, _ = timed("", "/Patient/$export")
+        print(f"Patient/$export: {patient_n:,} resources in {patient_s:.3f} s = {patient_n / patient_s:,.0f}/s "
+              f"({patient_n / patient_s / (system_n / system_s):.0%} of the system rate)")
+        status, _, _ = request(server.base + "/Group/group-1000")
+        if status == 200:
+            group_s, group_n, _ = timed("", "/Group/group-1000/$export")
+            print(f"Group/group-1000/$export: {group_n:,} resources in {group_s:.3f} s = {group_n / group_s:,.0f}/s")
+        obs_s, obs_n, manifest = timed("?_type=Observation", keep=True)
+        # The most common code that selects at most ~5 % of Observations.
+        codes = {}
+        for item in manifest["output"][:1]:
+            with urllib.request.urlopen(item["url"]) as r:
+                for i, line in enumerate(r):
+                    if i >= 50000:
+                        break
+                    coding = json.loads(line)["code"]["coding"][0]
+                    key = coding["system"] + "|" + coding["code"]
+                    codes[key] = codes.get(key, 0) + 1
+        total = sum(codes.values())
+        code = max((c for c in codes if codes[c] <= 0.05 * total), key=lambda c: codes[c])
+        query = urllib.parse.quote(f"Observation?code={code}", safe="")
+        for location in kept:
+            request(location, method="DELETE")
+        filtered_s, filtered_n, _ = timed(f"?_type=Observation&_typeFilter={query}")
+        print(f"_type=Observation: {obs_n:,} in {obs_s:.3f} s = {obs_n / obs_s:,.0f}/s; "
+              f"_typeFilter code={code}: {filtered_n:,} selected ({filtered_n / obs_n:.1%}) in {filtered_s:.3f} s = "
+              f"{obs_n / filtered_s:,.0f} Observations scanned/s ({obs_s / filtered_s:.0%} of the unfiltered rate)")
+    finally:
+        server.stop()
+
+
+def curl_all(manifest, out, parallel):
+    """curl --compressed (gzip, decoded by curl) of every output file, `parallel` at a time."""
+    urls = [item["url"] for item in manifest["output"]]
+    chunks = [list(enumerate(urls))[i::parallel] for i in range(parallel)]
+
+    def worker(chunk):
+        for i, url in chunk:
+            subprocess.run(["curl", "-sf", "--compressed", "-o", os.path.join(out, f"{i}.ndjson"), url], check=True)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(c,)) for c in chunks]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    elapsed = time.perf_counter() - started
+    return elapsed, sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+
+
+def cmd_client(args):
+    """`hearth export` (the bulk data client) downloading a whole export from a local Hearth:
+    download rate (uncompressed bytes saved per second, files asked for as gzip) and the client's
+    peak RSS. Baseline in the same run: curl --compressed of the same kind of export, as many
+    files at a time."""
+    server = Server(args.data, extra=["--export-workers", str(args.workers)], hearth=args.server_hearth or HEARTH)
+    try:
+        rows = []
+        for run in range(args.runs):
+            _, manifest, location = export_once(server)
+            out = tempfile.mkdtemp(prefix="hearth-client-bench-", dir=args.out)
+            curl_s, curl_bytes = curl_all(manifest, out, args.parallel)
+            request(location, method="DELETE")
+            shutil.rmtree(out)
+            subprocess.run(["sync"], check=True)
+            out = tempfile.mkdtemp(prefix="hearth-client-bench-", dir=args.out)
+            started = time.perf_counter()
+            proc = subprocess.run(["/usr/bin/time", "-v", HEARTH, "export", server.base, "--out", out,
+                                   "--parallel", str(args.parallel), "--json"], capture_output=True, text=True)
+            elapsed = time.perf_counter() - started
+            shutil.rmtree(out)
+            subprocess.run(["sync"], check=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"hearth export failed: {proc.stderr[-2000:]}")
+            summary = json.loads(proc.stdout)
+            rss = next(int(l.split()[-1]) for l in proc.stderr.splitlines() if "Maximum resident" in l)
+            cpu = next(l.split()[-1] for l in proc.stderr.splitlines() if "Percent of CPU" in l)
+            rate = summary["bytes"] / summary["downloadSeconds"] / 1e6
+            curl_rate = curl_bytes / curl_s / 1e6
+            rows.append(dict(rate=rate, rss=rss, curl=curl_rate, total=elapsed))
+            print(f"run {run + 1}: {summary['resources']:,} resources, {summary['bytes'] / 1e6:,.0f} MB in "
+                  f"{len(summary['files'])} files ({summary['wireBytes'] / 1e6:,.0f} MB gzip on the wire): download "
+                  f"{summary['downloadSeconds']:.2f} s = {rate:,.0f} MB/s, end to end {elapsed:.2f} s; "
+                  f"client peak RSS {rss / 1024:.0f} MiB, CPU {cpu}; curl --compressed x{args.parallel} {curl_rate:,.0f} MB/s")
+        med = lambda k: statistics.median(r[k] for r in rows)
+        print(f"median: hearth export --parallel {args.parallel} {med('rate'):,.0f} MB/s "
+              f"(curl x{args.parallel}: {med('curl'):,.0f} MB/s); client peak RSS max {max(r['rss'] for r in rows) / 1024:.0f} MiB")
+    finally:
+        server.stop()
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -221,8 +344,15 @@ def main():
     export = sub.add_parser("export"); export.add_argument("--data", required=True)
     export.add_argument("--runs", type=int, default=3); export.add_argument("--workers", type=int, default=os.cpu_count())
     read = sub.add_parser("read"); read.add_argument("--data", required=True)
+    levels = sub.add_parser("levels"); levels.add_argument("--data", required=True)
+    levels.add_argument("--runs", type=int, default=3); levels.add_argument("--workers", type=int, default=os.cpu_count())
+    client = sub.add_parser("client"); client.add_argument("--data", required=True)
+    client.add_argument("--runs", type=int, default=3); client.add_argument("--parallel", type=int, default=4)
+    client.add_argument("--workers", type=int, default=os.cpu_count())
+    client.add_argument("--out", default=tempfile.gettempdir(), help="where the downloads go (removed after each run)")
+    client.add_argument("--server-hearth", help="another hearth binary for the server (default: the same)")
     args = parser.parse_args()
-    {"load": cmd_load, "export": cmd_export, "read": cmd_read}[args.cmd](args)
+    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ SPEC_DIR defaults to ../shared/spec/r4 relative to the repository root. The scri
 crates/hearth-fhir/src/generated/*.rs (always relative to the repository that holds this
 script, whatever the cwd) and prints counts on stdout; notes about expressions that needed
 special handling go to stderr. Anything it cannot translate faithfully makes it exit non-zero
-rather than emit a table that silently misses compartment links.
+rather than emit a table that silently misses compartment links. Search parameters it cannot
+translate are kept in their table marked unsupported (with the reason), so the engine refuses
+them by name. `search_parameters.rs` is a child of the `search` module (declared there with
+`#[path]`), not of `generated/mod.rs`, since the search module owns the row type.
 
 Python 3.11 standard library only. The output is a pure function of the inputs, so running it
 twice yields identical files; files whose content is unchanged are not rewritten, which keeps
@@ -309,6 +312,321 @@ def patient_compartment(spec_dir: Path, sds: dict[str, dict]):
 
 
 # --------------------------------------------------------------------------------------------
+# Search parameters
+# --------------------------------------------------------------------------------------------
+
+# The parameter types the Rust engine evaluates; composite and special ones are listed (so they
+# are refused by name) but never given paths.
+EVALUATED_TYPES = ("token", "string", "reference", "date", "uri", "quantity", "number")
+PARAM_TYPES = EVALUATED_TYPES + ("composite", "special")
+
+# Element types each parameter type has a matching rule for (R4 search page, "Search Parameter
+# Types"). A branch reaching another type contributes no values: a date parameter over
+# `Immunization.occurrence[x]` indexes occurrenceDateTime, not occurrenceString, as HAPI does.
+INDEXABLE = {
+    "token": {
+        "Coding", "CodeableConcept", "Identifier", "ContactPoint", "code", "string", "id",
+        "uri", "url", "canonical", "oid", "uuid", "boolean",
+    },
+    "string": {"string", "markdown", "HumanName", "Address"},
+    "reference": {"Reference", "canonical", "uri", "url"},
+    "date": {"date", "dateTime", "instant", "Period", "Timing"},
+    "uri": {"uri", "url", "canonical", "oid", "uuid"},
+    # A Range is matched as the interval it spans (its low and high are Quantities).
+    "quantity": {"Quantity", "Age", "Duration", "Count", "Distance", "Money", "Range"},
+    "number": {"decimal", "integer", "positiveInt", "unsignedInt", "Range"},
+}
+
+# Base types that hold the parameters every resource inherits; the Rust side consults them for
+# every resource type.
+COMMON_BASES = ("DomainResource", "Resource")
+FHIRPATH_STRING = "http://hl7.org/fhirpath/System.String"
+STRUCTURAL_TYPES = {"BackboneElement", "Element"}
+LITERAL = r"[A-Za-z0-9][A-Za-z0-9\-_.]*"
+
+
+class Unsupported(Exception):
+    """A branch the engine cannot evaluate faithfully: its (type, param) is refused by name."""
+
+
+class TypeIndex:
+    """Every element of the R4 resource and data type definitions: path -> (types, content ref).
+
+    Unlike ElementIndex (compartment paths, which only need resource elements), search paths
+    walk into data types (`Patient.name.family` is `HumanName.family`) and into the abstract
+    `Resource` (`Resource.meta.lastUpdated`).
+    """
+
+    def __init__(self, spec_dir: Path):
+        self.elements: dict[str, tuple[list[str], str | None]] = {}
+        for file, kinds in (
+            ("profiles-resources.json.gz", ("resource",)),
+            ("profiles-types.json.gz", ("complex-type", "primitive-type")),
+        ):
+            for sd in bundle_resources(load_json(spec_dir / file), "StructureDefinition"):
+                # Constraints (SimpleQuantity, MoneyQuantity) reuse their base type's name; the
+                # base definition already describes their elements.
+                if sd.get("kind") not in kinds or sd.get("derivation") == "constraint":
+                    continue
+                if sd.get("fhirVersion") != FHIR_VERSION:
+                    continue
+                for el in snapshot_elements(sd):
+                    if ":" in el.get("id", ""):
+                        continue
+                    types = [t.get("code", "") for t in el.get("type", [])]
+                    types = ["id" if t == FHIRPATH_STRING else t for t in types]
+                    ref = el.get("contentReference")
+                    self.elements[el["path"]] = (types, ref[1:] if ref else None)
+
+    def element(self, path: str) -> tuple[list[str], str] | None:
+        """Types and the path describing the element's children (its content reference)."""
+        found = self.elements.get(path)
+        if found is None:
+            return None
+        types, ref = found
+        if ref is not None:
+            target = self.elements.get(ref)
+            if target is None:
+                raise GenError(f"{path}: content reference {ref} not found")
+            return target[0], ref
+        return types, path
+
+    def is_choice(self, path: str) -> list[str] | None:
+        found = self.elements.get(path + "[x]")
+        return found[0] if found else None
+
+
+def tokenize_fhirpath(expr: str) -> list[str]:
+    tokens, i = [], 0
+    while i < len(expr):
+        ch = expr[i]
+        if ch.isspace():
+            i += 1
+        elif ch == "'":
+            end = expr.find("'", i + 1)
+            if end < 0:
+                raise Unsupported(f"unterminated string in {expr!r}")
+            tokens.append(expr[i : end + 1])
+            i = end + 1
+        elif ch.isalnum() or ch == "_":
+            j = i
+            while j < len(expr) and (expr[j].isalnum() or expr[j] == "_"):
+                j += 1
+            tokens.append(expr[i:j])
+            i = j
+        else:
+            tokens.append(ch)
+            i += 1
+    return tokens
+
+
+def parse_branch(branch: str) -> tuple[str, list[tuple]]:
+    """One union branch -> (head identifier, steps).
+
+    The accepted subset: `Head.a.b`, `(...)` around a prefix, `.ofType(T)`, `.as(T)`, a final
+    `as T`, `.where(resolve() is T)` and `.where(child = 'literal')`. Steps are ('field', name),
+    ('type', T), ('resolve', T) and ('where', child, literal). Anything else is Unsupported.
+    """
+    tokens = tokenize_fhirpath(branch)
+    at = 0
+
+    def peek(offset: int = 0) -> str | None:
+        return tokens[at + offset] if at + offset < len(tokens) else None
+
+    def take(expected: str | None = None) -> str:
+        nonlocal at
+        tok = peek()
+        if tok is None or (expected is not None and tok != expected):
+            raise Unsupported(f"cannot read {branch!r} at {tok!r}")
+        at += 1
+        return tok
+
+    def ident() -> str:
+        tok = take()
+        if not re.fullmatch(IDENT, tok):
+            raise Unsupported(f"cannot read {branch!r} at {tok!r}")
+        return tok
+
+    def path() -> tuple[str, list[tuple]]:
+        if peek() == "(":
+            take("(")
+            head, steps = path()
+            take(")")
+        else:
+            head, steps = ident(), []
+        while peek() == ".":
+            take(".")
+            name = ident()
+            if peek() != "(":
+                steps.append(("field", name))
+                continue
+            take("(")
+            if name in ("ofType", "as"):
+                steps.append(("type", ident()))
+            elif name == "where" and peek() == "resolve":
+                take("resolve"), take("("), take(")"), take("is")
+                steps.append(("resolve", ident()))
+            elif name == "where" and peek(1) == "=":
+                child = ident()
+                take("=")
+                literal = take()
+                if not re.fullmatch(rf"'{LITERAL}'", literal):
+                    raise Unsupported(f"unsupported literal {literal} in {branch!r}")
+                steps.append(("where", child, literal[1:-1]))
+            else:
+                raise Unsupported(f"unsupported function {name}() in {branch!r}")
+            take(")")
+        return head, steps
+
+    head, steps = path()
+    if peek() == "as":
+        take("as")
+        steps.append(("type", ident()))
+    if peek() is not None:
+        raise Unsupported(f"cannot read {branch!r} at {peek()!r}")
+    return head, steps
+
+
+def resolve_branch(
+    index: TypeIndex, base: str, steps: list[tuple]
+) -> list[tuple[list[str], str, str]]:
+    """Element steps -> JSON paths: [(segments, terminal type, resolve target)].
+
+    A choice element without a type filter fans out into one path per allowed type, each under
+    its JSON name (`effective[x]` -> effectiveDateTime, effectivePeriod, ...).
+    """
+    # Each partial path: (JSON segments, context path for children, types of the last element).
+    partials: list[tuple[list[str], str, list[str]]] = [([], base, [base])]
+    target = ""
+    i = 0
+    while i < len(steps):
+        step = steps[i]
+        if target:
+            raise Unsupported("resolve() is not the last step")
+        if step[0] == "field":
+            name = step[1]
+            following = steps[i + 1][1] if i + 1 < len(steps) and steps[i + 1][0] == "type" else None
+            grown = []
+            for segments, context, _ in partials:
+                full = f"{context}.{name}"
+                found = index.element(full)
+                if found is not None:
+                    types, children = found
+                    if following is not None and types != [following]:
+                        raise Unsupported(f"{following} filter on {full}, which is not a choice")
+                    grown.append((segments + [name], children, types))
+                    continue
+                choices = index.is_choice(full)
+                if choices is None:
+                    raise GenError(f"{full} is not an element")
+                if following is not None:
+                    if following not in choices:
+                        raise GenError(f"{full}[x] does not allow {following} ({choices})")
+                    choices = [following]
+                for t in choices:
+                    json_name = name + t[0].upper() + t[1:]
+                    grown.append((segments + [json_name], f"{full}[x]", [t]))
+            if following is not None:
+                i += 1  # the type filter picked the choice (or confirmed the element's type)
+            partials = []
+            for segments, children, types in grown:
+                if len(types) != 1:
+                    raise Unsupported(f"{'.'.join(segments)} has several types {types}")
+                t = types[0]
+                # Children of a backbone element are listed under its own path; those of a data
+                # type (or a contained resource) under the type's definition.
+                child_context = children if t in STRUCTURAL_TYPES else t
+                partials.append((segments, child_context, types))
+        elif step[0] == "type":
+            raise Unsupported(f"type filter {step[1]} on an element that is not a choice of it")
+        elif step[0] == "where":
+            _, child, literal = step
+            narrowed = []
+            for segments, context, types in partials:
+                if not segments or "[" in segments[-1]:
+                    raise Unsupported("where() without an element to filter, or filtered twice")
+                found = index.element(f"{context}.{child}")
+                if found is None or found[0] not in (["code"], ["string"], ["uri"]):
+                    raise Unsupported(f"where({child}=...) on {context}: not a primitive child")
+                narrowed.append((segments[:-1] + [f"{segments[-1]}[{child}={literal}]"], context, types))
+            partials = narrowed
+        elif step[0] == "resolve":
+            if any(types != ["Reference"] for _, _, types in partials):
+                raise Unsupported("resolve() on an element that is not a Reference")
+            target = step[1]
+        i += 1
+    return [(segments, types[0], target) for segments, _, types in partials]
+
+
+def search_parameter_entry(index: TypeIndex, sds: dict, base: str, sp: dict):
+    """(paths, reason): paths rendered for the Rust table, or an empty list and why not."""
+    param_type = sp["type"]
+    where = f"{base}.{sp['code']}"
+    if param_type not in EVALUATED_TYPES:
+        return [], f"{param_type} parameters are not supported"
+    expression = sp.get("expression")
+    if not expression:
+        return [], "the definition has no FHIRPath expression"
+    rendered: list[str] = []
+    dropped: list[str] = []
+    try:
+        for branch in union_branches(expression):
+            head, steps = parse_branch(branch)
+            if head not in sds and head not in COMMON_BASES:
+                # FHIRPath evaluates against the resource, so `name | alias` (InsurancePlan)
+                # means its own elements; only a single-base definition can say that unambiguously.
+                if len(sp.get("base", [])) != 1:
+                    raise Unsupported(f"branch {branch!r} does not start with a resource type")
+                head, steps = base, [("field", head)] + steps
+            if head != base:
+                continue  # shared definitions (clinical-code) list branches for every base type
+            if not steps:
+                raise Unsupported(f"branch {branch!r} names the resource itself")
+            for segments, value_type, target in resolve_branch(index, base, steps):
+                if value_type not in INDEXABLE[param_type]:
+                    dropped.append(f"{'.'.join(segments)}:{value_type}")
+                    continue
+                text = ".".join(segments) + ":" + value_type + (f"@{target}" if target else "")
+                if text not in rendered:
+                    rendered.append(text)
+    except Unsupported as e:
+        note(f"search {where}: unsupported: {e}")
+        return [], str(e)
+    if dropped:
+        note(f"search {where}: no {param_type} matching on {', '.join(dropped)}")
+    if not rendered:
+        return [], f"no branch of {expression!r} has a type a {param_type} search can match"
+    return rendered, ""
+
+
+def search_parameters(spec_dir: Path, sds: dict[str, dict]):
+    """Rows (resource type or common base, code, type, paths, unsupported reason), sorted."""
+    index = TypeIndex(spec_dir)
+    bundle = load_json(spec_dir / "search-parameters.json.gz")
+    rows: dict[tuple[str, str], tuple[str, str, str]] = {}
+    for sp in bundle_resources(bundle, "SearchParameter"):
+        if sp.get("version") != FHIR_VERSION:
+            continue  # noted by load_search_parameters
+        if sp.get("type") not in PARAM_TYPES:
+            raise GenError(f"SearchParameter {sp.get('id')} has unknown type {sp.get('type')}")
+        for base in sp.get("base", []):
+            if base not in sds and base not in COMMON_BASES:
+                raise GenError(f"SearchParameter {sp['id']} has unknown base {base}")
+            key = (base, sp["code"])
+            if key in rows:
+                raise GenError(f"two search parameters {base}.{sp['code']}")
+            paths, reason = search_parameter_entry(index, sds, base, sp)
+            rows[key] = (sp["type"], " | ".join(paths), reason)
+    for (base, code), _ in rows.items():
+        if base not in COMMON_BASES and any((c, code) in rows for c in COMMON_BASES):
+            raise GenError(f"{base}.{code} shadows a parameter every resource has")
+    return sorted(
+        ((base, code, *row) for (base, code), row in rows.items()),
+        key=lambda r: (r[0].encode(), r[1].encode()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Rust output; laid out the way rustfmt would, so `cargo fmt --check` passes on it.
 # --------------------------------------------------------------------------------------------
 
@@ -447,6 +765,52 @@ def render_mandatory_elements(table: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
+SEARCH_PATH = re.compile(r"[A-Za-z0-9\-_.:@\[\]=]+(?: \| [A-Za-z0-9\-_.:@\[\]=]+)*")
+RUST_TYPE_NAMES = {t: t[0].upper() + t[1:] for t in PARAM_TYPES}
+
+
+def rust_text(s: str) -> str:
+    """A Rust string literal for free text (reasons quote FHIRPath)."""
+    if not all(" " <= ch <= "~" for ch in s):
+        raise GenError(f"refusing to emit non-printable text {s!r}")
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_search_parameters(rows) -> str:
+    lines = [
+        HEADER,
+        "",
+        "//! Every R4 search parameter by resource type, from `search-parameters.json` (the common",
+        "//! ones under `Resource` and `DomainResource`), with its FHIRPath reduced to JSON paths.",
+        "//!",
+        "//! `paths` holds branches separated by ` | `. A branch is dot-separated JSON element names",
+        "//! (choice elements already spelled per type, e.g. `effectiveDateTime`), then `:` and the",
+        "//! FHIR type found there, then optionally `@Type` for `where(resolve() is Type)`. An element",
+        "//! name may carry `[child=value]` for `where(child = 'value')`. A JSON array at any step",
+        "//! stands for each of its items. A non-empty `unsupported` says why the parameter cannot be",
+        "//! evaluated (its `paths` is then empty), so it is refused by name.",
+        "",
+        "use crate::search::table::{ParamType, SearchParamDef};",
+        "",
+        "/// Sorted by (resource type, code), byte order, for binary search.",
+        "pub static SEARCH_PARAMETERS: &[SearchParamDef] = &[",
+    ]
+    for resource_type, code, param_type, paths, reason in rows:
+        if paths and not SEARCH_PATH.fullmatch(paths):
+            raise GenError(f"{resource_type}.{code}: unexpected path text {paths!r}")
+        lines += [
+            "    SearchParamDef {",
+            f"        resource_type: {rust_str(resource_type)},",
+            f"        code: {rust_str(code)},",
+            f"        param_type: ParamType::{RUST_TYPE_NAMES[param_type]},",
+            f'        paths: "{paths}",',
+            f"        unsupported: {rust_text(reason)},",
+            "    },",
+        ]
+    lines += ["];", ""]
+    return "\n".join(lines)
+
+
 def write_if_changed(path: Path, content: str) -> bool:
     if path.exists() and path.read_text(encoding="utf-8") == content:
         return False
@@ -473,6 +837,7 @@ def main(argv: list[str]) -> int:
         types = sorted(sds, key=lambda t: t.encode())
         mandatory = {t: mandatory_elements(sds[t]) for t in types}
         compartment = patient_compartment(spec_dir, sds)
+        search = search_parameters(spec_dir, sds)
     except (GenError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -482,6 +847,7 @@ def main(argv: list[str]) -> int:
         "resource_types.rs": render_resource_types(types),
         "patient_compartment.rs": render_patient_compartment(compartment),
         "mandatory_elements.rs": render_mandatory_elements(mandatory),
+        "search_parameters.rs": render_search_parameters(search),
     }
     for name, content in outputs.items():
         changed = write_if_changed(OUT_DIR / name, content)
@@ -495,6 +861,11 @@ def main(argv: list[str]) -> int:
     print(
         f"mandatory elements: {n_mandatory} across "
         f"{sum(1 for e in mandatory.values() if e)} of {len(types)} types"
+    )
+    supported = sum(1 for row in search if not row[4])
+    print(
+        f"search parameters: {len(search)} (type, code) pairs, {supported} supported, "
+        f"{len(search) - supported} refused by name"
     )
     return 0
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hearth_fhir::instant::{Micros, now_micros, write_instant};
+use hearth_fhir::instant::{Micros, now_micros};
 use hearth_fhir::outcome::{Issue, Severity, operation_outcome};
 use hearth_store::jobs::{
     CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, NewJob, Snapshot, UnitCommit,
@@ -18,8 +18,10 @@ use tokio::runtime::Handle;
 
 use crate::files::RollingWriter;
 use crate::manifest;
-use crate::planner::plan;
+use crate::planner::provenance_by_target;
+use crate::planner::{PlanError, plan};
 use crate::request::{ExportRequest, ParameterError};
+use crate::unit::{RowPolicy, UnitFiles, deletion_bundle, keys_file_name};
 
 /// How the engine runs.
 #[derive(Debug, Clone)]
@@ -47,6 +49,9 @@ pub struct EngineConfig {
 pub enum KickOffError {
     #[error(transparent)]
     Parameter(#[from] ParameterError),
+    /// The Group does not exist (at the snapshot).
+    #[error("{0}")]
+    NotFound(String),
     #[error("{active} exports of this client are still running (limit {limit})")]
     TooMany { active: u64, limit: u64 },
     #[error(transparent)]
@@ -201,13 +206,20 @@ impl ExportEngine {
         }
         let id = uuid::Uuid::new_v4().to_string();
         let snapshot = inner.backend.snapshot().await?;
+        let mut request = request;
         let planned = plan(
             inner.backend.as_ref(),
             &request,
             snapshot,
             inner.config.rows_per_unit,
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            PlanError::GroupNotFound(message) => KickOffError::NotFound(message),
+            PlanError::Store(e) => KickOffError::Store(e),
+        })?;
+        request.resolved_patients = planned.patients.clone();
+        request.ignored.extend(planned.problems.iter().cloned());
         let files = self.write_ignored_report(&id, &request)?;
         let nothing_to_do = planned.units.is_empty();
         inner
@@ -257,7 +269,11 @@ impl ExportEngine {
         for ignored in &request.ignored {
             writer.write_line(&operation_outcome(&[Issue::new(
                 Severity::Warning,
-                "not-supported",
+                if ignored.name == "patient" {
+                    "not-found"
+                } else {
+                    "not-supported"
+                },
                 ignored.reason.clone(),
             )
             .at(ignored.name.clone())]))?;
@@ -289,7 +305,7 @@ impl ExportEngine {
                 let Some(job) = backend.job(id).await? else {
                     return Ok(JobView::NotFound);
                 };
-                // Polls of a job already seen are answered from a recent copy of its row:
+                // Polls of a job already seen are answered from a copy of its row at most 20 ms old:
                 // clients polling hard cost the store nothing.
                 if job.polls > 0 && (job.status != JobStatus::Completed || job.manifest_shown) {
                     self.inner.cache_job(&job);
@@ -459,7 +475,7 @@ enum Abandon {
 }
 
 /// How long a polled job's row is served from memory: progress lags by at most this much.
-const JOB_CACHE_TTL: Duration = Duration::from_millis(100);
+const JOB_CACHE_TTL: Duration = Duration::from_millis(20);
 
 impl Inner {
     fn cached_job(&self, id: &str) -> Option<JobRecord> {
@@ -548,22 +564,52 @@ impl Inner {
         let dir = self.config.export_dir.join(&unit.job_id);
         std::fs::create_dir_all(&dir)?;
         remove_earlier_attempts(&dir, unit.unit_no);
-        let mut writer = RollingWriter::new(
-            &dir,
-            format!("u{}-a{}", unit.unit_no, unit.attempt),
-            self.config.max_file_bytes,
-        );
+        let request: ExportRequest = serde_json::from_str(&unit.request)?;
+        let mut policy = RowPolicy::new(&request);
+        if unit.kind == UnitKind::Provenance {
+            let files = self
+                .runtime
+                .block_on(self.backend.job_files(&unit.job_id))?;
+            // One key file per committed unit attempt, named after its output files.
+            let mut key_files: Vec<PathBuf> = files
+                .iter()
+                .filter(|f| f.kind == "output")
+                .filter_map(|f| {
+                    let name = f.path.rsplit('/').next()?;
+                    let mut parts = name.split('-');
+                    let (unit_no, attempt) = (parts.next()?, parts.next()?);
+                    let key_file = keys_file_name(
+                        unit_no.strip_prefix('u')?.parse().ok()?,
+                        attempt.strip_prefix('a')?.parse().ok()?,
+                    );
+                    Some(self.config.export_dir.join(&unit.job_id).join(key_file))
+                })
+                .collect();
+            key_files.sort();
+            key_files.dedup();
+            policy.load_exported(&key_files)?;
+        }
+        let record_keys = unit.kind == UnitKind::Output && provenance_by_target(&request);
+        let mut files = UnitFiles::new(&dir, unit, self.config.max_file_bytes, record_keys)?;
         let mut rows = 0u64;
+        let mut written_rows = 0u64;
         let mut last_renewal = Instant::now();
         let mut abandon = None;
         let mut line = Vec::new();
         let scanned = self.backend.scan_unit(unit, &mut |row| {
-            match unit.kind {
-                UnitKind::Output => writer.write_line(row.body)?,
-                UnitKind::Deleted => {
-                    deletion_bundle(&unit.resource_type, row.id, row.last_updated, &mut line);
-                    writer.write_line(&line)?;
+            if policy.keep(unit, &row) {
+                match unit.kind {
+                    UnitKind::Output | UnitKind::Provenance => {
+                        let shaped = policy.shape(row.resource_type, row.body);
+                        files.record(row.resource_type, row.id)?;
+                        files.write(row.resource_type, &shaped)?;
+                    }
+                    UnitKind::Deleted => {
+                        deletion_bundle(row.resource_type, row.id, row.last_updated, &mut line);
+                        files.write("Bundle", &line)?;
+                    }
                 }
+                written_rows += 1;
             }
             rows += 1;
             if rows.is_multiple_of(CHECK_EVERY_ROWS) {
@@ -583,32 +629,33 @@ impl Inner {
             Ok(abandon.is_none())
         });
         if let Some(reason) = abandon {
-            writer.discard();
+            files.discard();
             return Ok(Err(reason));
         }
         if let Err(e) = scanned {
-            writer.discard();
+            files.discard();
             return Err(Box::new(e));
         }
-        let written = writer.finish()?;
-        let (resource_type, kind) = match unit.kind {
-            UnitKind::Output => (unit.resource_type.as_str(), "output"),
-            UnitKind::Deleted => ("Bundle", "deleted"),
+        let written = files.finish()?;
+        let kind = match unit.kind {
+            UnitKind::Output | UnitKind::Provenance => "output",
+            UnitKind::Deleted => "deleted",
         };
         let records: Vec<FileRecord> = written
             .iter()
-            .map(|file| FileRecord {
+            .map(|(group, file)| FileRecord {
                 id: uuid::Uuid::new_v4().to_string(),
                 job_id: unit.job_id.clone(),
                 unit_no: unit.unit_no,
                 part: file.part,
-                resource_type: resource_type.to_owned(),
+                resource_type: group.clone(),
                 kind: kind.to_owned(),
                 path: format!("{}/{}", unit.job_id, file.name),
                 count: file.count,
                 bytes: file.bytes,
             })
             .collect();
+        let rows = written_rows;
         match self
             .runtime
             .block_on(self.backend.commit_unit(unit, records, rows))?
@@ -619,7 +666,7 @@ impl Inner {
                 Ok(Ok(rows))
             }
             UnitCommit::Fenced => {
-                for file in &written {
+                for (_, file) in &written {
                     let _ = std::fs::remove_file(dir.join(&file.name));
                 }
                 Ok(Err(if self.is_cancelled(&unit.job_id) {
@@ -679,34 +726,9 @@ fn remove_earlier_attempts(dir: &Path, unit_no: i64) {
     }
 }
 
-/// A `deleted` line: a transaction Bundle with one DELETE entry.
-fn deletion_bundle(resource_type: &str, id: &str, deleted_at: Micros, out: &mut Vec<u8>) {
-    let mut text = String::with_capacity(160);
-    text.push_str(r#"{"resourceType":"Bundle","type":"transaction","meta":{"lastUpdated":""#);
-    write_instant(deleted_at, &mut text);
-    text.push_str(r#""},"entry":[{"request":{"method":"DELETE","url":""#);
-    // Types and ids are plain FHIR tokens: nothing to escape.
-    text.push_str(resource_type);
-    text.push('/');
-    text.push_str(id);
-    text.push_str(r#""}}]}"#);
-    out.clear();
-    out.extend_from_slice(text.as_bytes());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn deletion_lines_are_transaction_bundles() {
-        let mut line = Vec::new();
-        deletion_bundle("Patient", "p-1", 0, &mut line);
-        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(value["type"], "transaction");
-        assert_eq!(value["entry"][0]["request"]["method"], "DELETE");
-        assert_eq!(value["entry"][0]["request"]["url"], "Patient/p-1");
-    }
 
     #[test]
     fn progress_is_short_and_grouped() {

@@ -4,6 +4,7 @@
 //! - [`request`]: the kick-off parameters, validated (or refused by name).
 //! - [`planner`]: a job split into units of resource type × change-sequence range.
 //! - [`engine`]: kick-off, status, cancel, downloads, and the worker pool.
+//! - [`unit`]: what a worker does with each row (de-duplication, `_elements`, routing).
 //! - [`files`]: NDJSON files that roll over by size.
 //! - [`manifest`]: the completion manifest.
 //!
@@ -16,6 +17,7 @@ pub mod files;
 pub mod manifest;
 pub mod planner;
 pub mod request;
+pub mod unit;
 
 pub use engine::{DownloadableFile, EngineConfig, ExportEngine, JobView, KickOffError};
-pub use request::{ExportRequest, IgnoredParameter, Level, ParameterError};
+pub use request::{ElementSpec, ExportRequest, IgnoredParameter, Level, ParameterError};

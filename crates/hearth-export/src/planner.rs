@@ -1,9 +1,20 @@
-//! Splitting a job into work units: (resource type × change-sequence range), largest first.
+//! Splitting a job into work units, largest first:
+//! - system and `Patient/$export`: resource type × change-sequence range (the latter only
+//!   resources in some patient's compartment);
+//! - Group and `patient`: batches of patients × compartment types, driven by the compartment
+//!   index (one query per batch, never one per patient).
 
-use hearth_store::jobs::{Snapshot, UnitKind, UnitPlan};
-use hearth_store::{Backend, Seq, StoreError};
+use hearth_fhir::compartment::{is_patient_compartment_type, patient_id_from_reference};
+use hearth_fhir::instant::{Micros, parse_instant};
+use hearth_fhir::resource_type::resource_types;
+use hearth_store::jobs::{Snapshot, UnitKind, UnitPlan, UnitScope};
+use hearth_store::{Backend, Seq, StoreError, StoredVersion};
+use serde::Deserialize;
 
-use crate::request::ExportRequest;
+use crate::request::{ExportRequest, IgnoredParameter, Level};
+
+/// Patients per unit of a Group or `patient` export.
+pub const PATIENTS_PER_UNIT: usize = 500;
 
 /// The units of a job and an upper bound on the resources it will write.
 pub struct Plan {
@@ -12,16 +23,128 @@ pub struct Plan {
     /// The change sequence number the export reads as of: the snapshot's, or earlier with
     /// `_until` (the versions current just before that instant).
     pub visible_seq: Seq,
+    /// The patients a Group or `patient` export covers (empty otherwise).
+    pub patients: Vec<String>,
+    /// Reported in the manifest's `error` files (unknown patients, non-members).
+    pub problems: Vec<IgnoredParameter>,
 }
 
-/// Plans `request` against `snapshot`. Ranges are cut from the index counts, so units of one
-/// type run in parallel and a crash redoes one unit, not the type.
+/// Why a job cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}")]
+    GroupNotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The version of a resource that was current at `seq` (none if absent or deleted then).
+async fn version_at(
+    backend: &dyn Backend,
+    resource_type: &str,
+    id: &str,
+    seq: Seq,
+) -> Result<Option<StoredVersion>, StoreError> {
+    let Some(newest) = backend.read(resource_type, id).await? else {
+        return Ok(None);
+    };
+    let version = if newest.seq <= seq {
+        Some(newest)
+    } else {
+        backend
+            .history(resource_type, id, Some(newest.version), 1000)
+            .await?
+            .into_iter()
+            .find(|v| v.seq <= seq)
+    };
+    Ok(version.filter(|v| !v.deleted))
+}
+
+#[derive(Deserialize)]
+struct GroupMembers {
+    #[serde(default)]
+    member: Vec<Member>,
+}
+
+#[derive(Deserialize)]
+struct Member {
+    entity: Option<Reference>,
+    #[serde(default)]
+    inactive: bool,
+    period: Option<Period>,
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    reference: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Period {
+    start: Option<String>,
+    end: Option<String>,
+}
+
+/// The Group's active Patient members at `at` (`member.inactive` and `member.period` honoured;
+/// members that are not Patients are skipped).
+fn active_patient_members(group: &[u8], at: Micros) -> Vec<String> {
+    let Ok(parsed) = serde_json::from_slice::<GroupMembers>(group) else {
+        return Vec::new();
+    };
+    let bound = |value: &Option<String>, end: bool| -> Option<Micros> {
+        let value = value.as_deref()?;
+        parse_instant(value).ok().or_else(|| {
+            hearth_fhir::instant::parse_date_range(value)
+                .ok()
+                .map(|r| if end { r.end } else { r.start })
+        })
+    };
+    let mut members = Vec::new();
+    for member in parsed.member {
+        if member.inactive {
+            continue;
+        }
+        if let Some(period) = &member.period {
+            if bound(&period.start, false).is_some_and(|start| start > at) {
+                continue;
+            }
+            if bound(&period.end, true).is_some_and(|end| end <= at) {
+                continue;
+            }
+        }
+        let id = member
+            .entity
+            .and_then(|e| e.reference)
+            .and_then(|r| patient_id_from_reference(&r).map(str::to_owned));
+        if let Some(id) = id
+            && !members.contains(&id)
+        {
+            members.push(id);
+        }
+    }
+    members
+}
+
+/// Whether the job picks its Provenance by target after the other units (see
+/// `UnitKind::Provenance`).
+pub fn provenance_by_target(request: &ExportRequest) -> bool {
+    let provenance_requested =
+        request.types.is_empty() || request.types.iter().any(|t| t == "Provenance");
+    let compartment_level = request.level != Level::System;
+    if compartment_level {
+        provenance_requested || request.relevant_provenance
+    } else {
+        request.relevant_provenance && !provenance_requested
+    }
+}
+
+/// Plans `request` against `snapshot`.
 pub async fn plan(
     backend: &dyn Backend,
     request: &ExportRequest,
     snapshot: Snapshot,
     rows_per_unit: u64,
-) -> Result<Plan, StoreError> {
+) -> Result<Plan, PlanError> {
     let since_seq = match request.since {
         Some(since) => backend.seq_at(since).await?.min(snapshot.seq),
         None => 0,
@@ -30,56 +153,207 @@ pub async fn plan(
         Some(until) => backend.seq_at(until - 1).await?.min(snapshot.seq),
         None => snapshot.seq,
     };
-    let types = if request.types.is_empty() {
+    let mut problems = Vec::new();
+
+    // The patients of a Group or `patient` export.
+    let patients: Option<Vec<String>> = match &request.level {
+        Level::System => None,
+        Level::Patient if request.patients.is_empty() => None,
+        Level::Patient => {
+            let mut found = Vec::new();
+            for id in &request.patients {
+                if version_at(backend, "Patient", id, snapshot.seq)
+                    .await?
+                    .is_some()
+                {
+                    found.push(id.clone());
+                } else {
+                    problems.push(IgnoredParameter {
+                        name: "patient".into(),
+                        reason: format!("Patient/{id} does not exist; it was left out"),
+                    });
+                }
+            }
+            Some(found)
+        }
+        Level::Group(group_id) => {
+            let group = version_at(backend, "Group", group_id, snapshot.seq)
+                .await?
+                .ok_or_else(|| {
+                    PlanError::GroupNotFound(format!("Group/{group_id} does not exist"))
+                })?;
+            let members = active_patient_members(&group.body, snapshot.transaction_time);
+            if request.patients.is_empty() {
+                Some(members)
+            } else {
+                let mut chosen = Vec::new();
+                for id in &request.patients {
+                    if members.contains(id) {
+                        chosen.push(id.clone());
+                    } else {
+                        problems.push(IgnoredParameter {
+                            name: "patient".into(),
+                            reason: format!("Patient/{id} is not an active member of Group/{group_id}; it was left out"),
+                        });
+                    }
+                }
+                Some(chosen)
+            }
+        }
+    };
+
+    let compartment_level = request.level != Level::System;
+    let mut types: Vec<String> = if request.types.is_empty() {
         backend.types_present(since_seq, upto).await?
     } else {
         request.types.clone()
     };
+    if compartment_level {
+        types.retain(|t| is_patient_compartment_type(t));
+    }
+    // Provenance that belongs with exported resources is chosen after them, by target (see
+    // `UnitKind::Provenance`): for Patient and Group exports by default (the IG's "Provenance
+    // whose target is in the compartment"), and whenever RelevantProvenanceResources is asked
+    // for and `_type` does not export Provenance whole anyway.
+    let provenance_by_target = provenance_by_target(request);
+    if provenance_by_target {
+        types.retain(|t| t != "Provenance");
+    }
 
     let mut sized = Vec::new();
     let mut deletions = Vec::new();
     let mut estimated_resources = 0;
-    for resource_type in types {
-        if upto <= since_seq {
-            break;
+    match &patients {
+        Some(patients) => {
+            // Types present at all keep the IN list short.
+            let present = backend.types_present(since_seq, upto).await?;
+            types.retain(|t| present.contains(t));
+            if !types.is_empty() && !patients.is_empty() && upto > since_seq {
+                let type_list = types.join(",");
+                for batch in patients.chunks(PATIENTS_PER_UNIT) {
+                    let estimate = backend.compartment_rows(batch, since_seq, upto).await?;
+                    estimated_resources += estimate;
+                    let scope = UnitScope::Patients(batch.to_vec());
+                    sized.push((
+                        estimate,
+                        UnitPlan {
+                            resource_type: type_list.clone(),
+                            kind: UnitKind::Output,
+                            scope: scope.clone(),
+                            seq_after: since_seq,
+                            seq_upto: upto,
+                        },
+                    ));
+                    if request.since.is_some() {
+                        deletions.push(UnitPlan {
+                            resource_type: type_list.clone(),
+                            kind: UnitKind::Deleted,
+                            scope,
+                            seq_after: since_seq,
+                            seq_upto: upto,
+                        });
+                    }
+                }
+            }
         }
-        let (count, first, last) = backend.type_range(&resource_type, since_seq, upto).await?;
-        if count == 0 {
-            continue;
-        }
-        estimated_resources += count;
-        let pieces = count.div_ceil(rows_per_unit.max(1)) as i64;
-        let start = first - 1;
-        let width = last - start;
-        for piece in 0..pieces {
-            let after = start + width * piece / pieces;
-            let upto_piece = start + width * (piece + 1) / pieces;
-            sized.push((
-                count / pieces as u64,
-                UnitPlan {
-                    resource_type: resource_type.clone(),
-                    kind: UnitKind::Output,
-                    seq_after: after,
-                    seq_upto: upto_piece,
-                },
-            ));
-        }
-        if request.since.is_some() {
-            deletions.push(UnitPlan {
-                resource_type,
-                kind: UnitKind::Deleted,
-                seq_after: start,
-                seq_upto: last,
-            });
+        None => {
+            let scope = if compartment_level {
+                UnitScope::Compartment
+            } else {
+                UnitScope::All
+            };
+            for resource_type in types {
+                if upto <= since_seq {
+                    break;
+                }
+                let (count, first, last) =
+                    backend.type_range(&resource_type, since_seq, upto).await?;
+                if count == 0 {
+                    continue;
+                }
+                estimated_resources += count;
+                let pieces = count.div_ceil(rows_per_unit.max(1)) as i64;
+                let start = first - 1;
+                let width = last - start;
+                for piece in 0..pieces {
+                    sized.push((
+                        count / pieces as u64,
+                        UnitPlan {
+                            resource_type: resource_type.clone(),
+                            kind: UnitKind::Output,
+                            scope: scope.clone(),
+                            seq_after: start + width * piece / pieces,
+                            seq_upto: start + width * (piece + 1) / pieces,
+                        },
+                    ));
+                }
+                if request.since.is_some() {
+                    deletions.push(UnitPlan {
+                        resource_type,
+                        kind: UnitKind::Deleted,
+                        scope: scope.clone(),
+                        seq_after: start,
+                        seq_upto: last,
+                    });
+                }
+            }
         }
     }
     // Largest first, so the last unit to finish is a small one.
     sized.sort_by_key(|(rows, _)| std::cmp::Reverse(*rows));
     let mut units: Vec<UnitPlan> = sized.into_iter().map(|(_, unit)| unit).collect();
     units.extend(deletions);
+    if provenance_by_target && !units.is_empty() {
+        let (count, first, last) = backend.type_range("Provenance", 0, upto).await?;
+        if count > 0 {
+            estimated_resources += count;
+            // Split like any type, so every worker takes a part.
+            let pieces = count.div_ceil(rows_per_unit.max(1)) as i64;
+            let start = first - 1;
+            let width = last - start;
+            for piece in 0..pieces {
+                units.push(UnitPlan {
+                    resource_type: "Provenance".to_owned(),
+                    kind: UnitKind::Provenance,
+                    scope: UnitScope::All,
+                    seq_after: start + width * piece / pieces,
+                    seq_upto: start + width * (piece + 1) / pieces,
+                });
+            }
+        }
+    }
     Ok(Plan {
         units,
         estimated_resources,
         visible_seq: upto,
+        patients: patients.unwrap_or_default(),
+        problems,
     })
+}
+
+/// Every R4 type whose resources can be in a patient's compartment.
+pub fn compartment_types() -> impl Iterator<Item = &'static str> {
+    resource_types()
+        .iter()
+        .copied()
+        .filter(|t| is_patient_compartment_type(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_members_honour_inactive_and_period() {
+        let group = br#"{"resourceType":"Group","member":[
+            {"entity":{"reference":"Patient/a"}},
+            {"entity":{"reference":"Patient/b"},"inactive":true},
+            {"entity":{"reference":"Patient/c"},"period":{"end":"2020-01-01"}},
+            {"entity":{"reference":"Patient/d"},"period":{"start":"2030-01-01T00:00:00Z"}},
+            {"entity":{"reference":"Practitioner/e"}},
+            {"entity":{"reference":"Patient/f"},"period":{"start":"2020-01-01","end":"2030-01-01"}}
+        ]}"#;
+        let at = parse_instant("2025-06-01T00:00:00Z").unwrap();
+        assert_eq!(active_patient_members(group, at), ["a", "f"]);
+    }
 }

@@ -2,12 +2,25 @@
 
 use hearth_fhir::instant::{Micros, format_instant, parse_instant};
 use hearth_fhir::resource_type::canonical_resource_type;
+use hearth_fhir::search::Filter;
 use serde::{Deserialize, Serialize};
 
 /// Which population an export covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Level {
+    /// `[base]/$export`: everything.
     System,
+    /// `[base]/Patient/$export`: the compartments of all patients.
+    Patient,
+    /// `[base]/Group/[id]/$export`: the compartments of the Group's members.
+    Group(String),
+}
+
+/// One `_elements` entry: `Type.element`, or `element` for every type that has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ElementSpec {
+    pub resource_type: Option<String>,
+    pub element: String,
 }
 
 /// A parameter the server ignored under `Prefer: handling=lenient`.
@@ -27,6 +40,22 @@ pub struct ExportRequest {
     pub until: Option<Micros>,
     /// `_exportId`, echoed in the manifest.
     pub export_id: Option<String>,
+    /// `_elements`; empty means whole resources.
+    #[serde(default)]
+    pub elements: Vec<ElementSpec>,
+    /// `patient` (POST, Patient and Group levels): ids of the patients to restrict to.
+    #[serde(default)]
+    pub patients: Vec<String>,
+    /// `includeAssociatedData=RelevantProvenanceResources`.
+    #[serde(default)]
+    pub relevant_provenance: bool,
+    /// `_typeFilter` (and eHealth's `_typePostFetchFilterUrl`) queries, `Type?params`, each
+    /// checked by the search engine at kick-off.
+    #[serde(default)]
+    pub type_filters: Vec<String>,
+    /// The patients a Group or `patient` export covers, resolved at kick-off.
+    #[serde(default)]
+    pub resolved_patients: Vec<String>,
     pub ignored: Vec<IgnoredParameter>,
     /// The kick-off URL as the client sent it (without a POST body).
     pub request_url: String,
@@ -52,14 +81,43 @@ pub const NDJSON_FORMATS: &[&str] = &["application/fhir+ndjson", "application/nd
 
 /// Parameters defined by the Bulk Data IG that a later version of this engine implements:
 /// refused by name (or ignored and reported when lenient), never silently ignored.
-const NOT_YET_SUPPORTED: &[&str] = &[
-    "_elements",
-    "_typeFilter",
-    "_typePostFetchFilterUrl",
-    "includeAssociatedData",
-    "organizeOutputBy",
-    "allowPartialManifests",
-];
+const NOT_YET_SUPPORTED: &[&str] = &["organizeOutputBy", "allowPartialManifests"];
+
+/// `includeAssociatedData` values (CodeSystem
+/// `http://hl7.org/fhir/uv/bulkdata/CodeSystem/include-associated-data`).
+const LATEST_PROVENANCE: &str = "LatestProvenanceResources";
+const RELEVANT_PROVENANCE: &str = "RelevantProvenanceResources";
+
+/// `Patient/<id>` (also absolute, or with `_history`) as the patient id.
+fn patient_reference(value: &str) -> Option<&str> {
+    hearth_fhir::compartment::patient_id_from_reference(value)
+}
+
+/// STU2 joined several `_typeFilter` queries with commas; commas also separate OR-ed values
+/// inside one query. A comma starts a new query only where a resource type and `?` follow.
+fn split_type_filters(value: &str) -> Vec<&str> {
+    let mut filters = Vec::new();
+    let mut start = 0;
+    for (at, _) in value.match_indices(',') {
+        let rest = &value[at + 1..];
+        let starts_query = rest
+            .split_once('?')
+            .is_some_and(|(head, _)| canonical_resource_type(head.trim()).is_some());
+        if starts_query {
+            filters.push(value[start..at].trim());
+            start = at + 1;
+        }
+    }
+    filters.push(value[start..].trim());
+    filters.retain(|f| !f.is_empty());
+    filters
+}
+
+fn is_element_name(name: &str) -> bool {
+    let name = name.strip_suffix("[x]").unwrap_or(name);
+    name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric())
+}
 
 impl ExportRequest {
     /// Validates kick-off parameters (query parameters of a GET, or the `Parameters` of a POST
@@ -77,9 +135,15 @@ impl ExportRequest {
             since: None,
             until: None,
             export_id: None,
+            elements: Vec::new(),
+            patients: Vec::new(),
+            relevant_provenance: false,
+            resolved_patients: Vec::new(),
+            type_filters: Vec::new(),
             ignored: Vec::new(),
             request_url,
         };
+        let mut latest_provenance_asked = false;
         let mut seen_output_format = false;
         for (name, value) in params {
             let value = value.trim();
@@ -145,10 +209,97 @@ impl ExportRequest {
                 }
                 "_exportId" => request.export_id = Some(value.to_owned()),
                 "patient" => {
-                    return Err(refuse(
-                        name,
-                        "the patient parameter applies to Patient and Group exports only",
-                    ));
+                    if request.level == Level::System {
+                        return Err(refuse(
+                            name,
+                            "the patient parameter applies to Patient and Group exports only",
+                        ));
+                    }
+                    for reference in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                        let id = patient_reference(reference).ok_or_else(|| {
+                            refuse(name, format!("patient '{reference}' is not a reference to a Patient (Patient/<id>)"))
+                        })?;
+                        if !request.patients.iter().any(|p| p == id) {
+                            request.patients.push(id.to_owned());
+                        }
+                    }
+                }
+                "_elements" => {
+                    for entry in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                        // `Type.element` starts with a type (capitalised); `a.b` is a path
+                        // below the top level, which `_elements` cannot select.
+                        let (resource_type, element) = match entry.split_once('.') {
+                            Some((first, element))
+                                if first.starts_with(|c: char| c.is_ascii_uppercase()) =>
+                            {
+                                (Some(first), element)
+                            }
+                            _ => (None, entry),
+                        };
+                        let known_type = resource_type.map(canonical_resource_type);
+                        let problem = if known_type == Some(None) {
+                            Some(format!(
+                                "_elements '{entry}': '{}' is not an R4 resource type",
+                                resource_type.unwrap_or("")
+                            ))
+                        } else if !is_element_name(element) {
+                            Some(format!(
+                                "_elements '{entry}': only top-level elements (Type.element or element) can be selected"
+                            ))
+                        } else {
+                            None
+                        };
+                        match problem {
+                            Some(reason) if lenient => request.ignored.push(IgnoredParameter {
+                                name: "_elements".into(),
+                                reason,
+                            }),
+                            Some(reason) => return Err(refuse(name, reason)),
+                            None => request.elements.push(ElementSpec {
+                                resource_type: known_type.flatten().map(str::to_owned),
+                                element: element.to_owned(),
+                            }),
+                        }
+                    }
+                }
+                "_typeFilter" | "_typePostFetchFilterUrl" => {
+                    for filter in split_type_filters(value) {
+                        match Filter::parse_type_filter(filter) {
+                            Ok(_) => request.type_filters.push(filter.to_owned()),
+                            Err(e) => {
+                                let reason = format!("{name} '{filter}': {e}");
+                                if lenient {
+                                    request.ignored.push(IgnoredParameter {
+                                        name: name.clone(),
+                                        reason,
+                                    });
+                                } else {
+                                    return Err(refuse(name, reason));
+                                }
+                            }
+                        }
+                    }
+                }
+                "includeAssociatedData" => {
+                    for code in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                        match code {
+                            RELEVANT_PROVENANCE => request.relevant_provenance = true,
+                            LATEST_PROVENANCE => latest_provenance_asked = true,
+                            other => {
+                                let reason = format!(
+                                    "includeAssociatedData '{other}' is not supported (RelevantProvenanceResources is)"
+                                );
+                                if lenient {
+                                    request.ignored.push(IgnoredParameter {
+                                        name: name.clone(),
+                                        reason,
+                                    });
+                                } else {
+                                    return Err(refuse(name, reason));
+                                }
+                            }
+                        }
+                    }
                 }
                 // Asks for the JSON OperationOutcome format that Hearth uses anyway.
                 "_format"
@@ -186,6 +337,41 @@ impl ExportRequest {
                     }
                 }
             }
+        }
+        // With several values the least restrictive applies: Relevant covers Latest.
+        if latest_provenance_asked && !request.relevant_provenance {
+            let reason = "includeAssociatedData LatestProvenanceResources is not supported (RelevantProvenanceResources is)".to_owned();
+            if lenient {
+                request.ignored.push(IgnoredParameter {
+                    name: "includeAssociatedData".into(),
+                    reason,
+                });
+            } else {
+                return Err(refuse("includeAssociatedData", reason));
+            }
+        }
+        if request.level != Level::System {
+            let mut kept = Vec::new();
+            for resource_type in std::mem::take(&mut request.types) {
+                if hearth_fhir::compartment::is_patient_compartment_type(&resource_type) {
+                    kept.push(resource_type);
+                } else if lenient {
+                    request.ignored.push(IgnoredParameter {
+                        name: "_type".into(),
+                        reason: format!(
+                            "{resource_type} is not in the Patient compartment; it was left out"
+                        ),
+                    });
+                } else {
+                    return Err(refuse(
+                        "_type",
+                        format!(
+                            "_type {resource_type} is not in the Patient compartment, which Patient and Group exports cover"
+                        ),
+                    ));
+                }
+            }
+            request.types = kept;
         }
         if let (Some(since), Some(until)) = (request.since, request.until)
             && until <= since
@@ -236,7 +422,11 @@ mod tests {
             (vec![("_type", "MissingType")], "_type"),
             (vec![("_since", "0000-60-01T30:70:80+05:00")], "_since"),
             (vec![("_since", "2057-01-01T00:00:00+05:00")], "_since"),
-            (vec![("_elements", "id")], "_elements"),
+            (vec![("_elements", "Nope.id")], "_elements"),
+            (
+                vec![("includeAssociatedData", "LatestProvenanceResources")],
+                "includeAssociatedData",
+            ),
             (vec![("patient", "Patient/1")], "patient"),
             (vec![("foo", "bar")], "foo"),
         ] {
@@ -268,6 +458,24 @@ mod tests {
         assert_eq!(
             request.since,
             Some(parse_instant("2025-01-01T00:00:00Z").unwrap())
+        );
+    }
+}
+
+#[cfg(test)]
+mod type_filter_tests {
+    use super::*;
+
+    #[test]
+    fn splits_comma_joined_queries_but_not_or_values() {
+        assert_eq!(
+            split_type_filters(
+                "MedicationRequest?status=active,completed,MedicationRequest?date=gt2018"
+            ),
+            [
+                "MedicationRequest?status=active,completed",
+                "MedicationRequest?date=gt2018"
+            ]
         );
     }
 }

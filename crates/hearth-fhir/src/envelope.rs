@@ -117,6 +117,14 @@ pub fn prepare(
         }
     })?;
     let fields = fields.0;
+    // The top-level parse skips over string contents, so it lets an unpaired surrogate escape
+    // (`"\ud90e"`) through: valid JSON grammar, but no Unicode text, and strict parsers refuse
+    // the exported line. Found by the `ndjson_line` fuzz target.
+    if has_unpaired_surrogate(&compact) {
+        return Err(EnvelopeError::InvalidJson(
+            "a string holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF)".to_owned(),
+        ));
+    }
 
     let type_value = field(&fields, "resourceType").ok_or(EnvelopeError::MissingResourceType)?;
     let type_name: Cow<'_, str> =
@@ -174,6 +182,40 @@ pub fn prepare(
         before_version,
         after_version,
     })
+}
+
+/// Whether syntactically valid JSON holds a `\\uD800`-`\\uDFFF` escape that is not a high
+/// surrogate directly followed by a low one. Backslashes only occur inside strings, so jumping
+/// from one to the next (memchr) and stepping over each escape sees every escape exactly once.
+fn has_unpaired_surrogate(json: &[u8]) -> bool {
+    let hex4 = |at: usize| -> Option<u32> {
+        let digits = json.get(at..at + 4)?;
+        if !digits.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        u32::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut from = 0;
+    while from < json.len() {
+        let Some(found) = memchr::memchr(b'\\', &json[from..]) else {
+            break;
+        };
+        let at = from + found;
+        from = match (json.get(at + 1), hex4(at + 2)) {
+            (Some(b'u'), Some(0xD800..=0xDBFF)) => {
+                let paired = json.get(at + 6..at + 8) == Some(&b"\\u"[..])
+                    && matches!(hex4(at + 8), Some(0xDC00..=0xDFFF));
+                if !paired {
+                    return true;
+                }
+                at + 12
+            }
+            (Some(b'u'), Some(0xDC00..=0xDFFF)) => return true,
+            (Some(b'u'), _) => at + 6,
+            _ => at + 2,
+        };
+    }
+    false
 }
 
 /// FHIR id syntax: 1 to 64 of `A-Z a-z 0-9 - .`.
@@ -365,6 +407,117 @@ fn split_around_version(
     Ok((before, after))
 }
 
+/// The patients whose compartment holds a stored resource (compact JSON), or none when the
+/// bytes are not a JSON object.
+pub fn compartment_of_body(resource_type: &str, body: &[u8]) -> Vec<String> {
+    match serde_json::from_slice::<TopLevel<'_>>(body) {
+        Ok(fields) => compartment_of(resource_type, &fields.0),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The `meta.tag` that marks a resource trimmed by `_elements` (clients compare the whole
+/// object, so exactly these two keys).
+pub const SUBSETTED_TAG: &str =
+    r#"{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED"}"#;
+
+/// `_elements`: keeps `resourceType`, `id`, `meta`, the type's mandatory elements and those
+/// `keep` names, and tags the result `SUBSETTED`. `None` when nothing would be removed (the
+/// stored bytes are then exported unchanged) or the bytes are not a JSON object.
+pub fn subset_elements(
+    resource_type: &str,
+    body: &[u8],
+    keep: &dyn Fn(&str) -> bool,
+) -> Option<Vec<u8>> {
+    let fields = serde_json::from_slice::<TopLevel<'_>>(body).ok()?.0;
+    let mandatory = crate::resource_type::mandatory_elements(resource_type).unwrap_or(&[]);
+    let wanted = |key: &str| {
+        matches!(key, "resourceType" | "id" | "meta")
+            || keep(key)
+            || mandatory.iter().any(|m| match m.strip_suffix("[x]") {
+                // A choice element `value[x]` appears as `valueQuantity`, `valueString`, ...
+                Some(stem) => {
+                    key.starts_with(stem)
+                        && key[stem.len()..].starts_with(|c: char| c.is_ascii_uppercase())
+                }
+                None => *m == key,
+            })
+            || keep(&choice_stem(key))
+    };
+    if fields.iter().all(|(key, _)| wanted(key)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    out.push(b'{');
+    let mut first = true;
+    let mut has_meta = false;
+    for (key, raw) in &fields {
+        if !wanted(key) {
+            continue;
+        }
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        write_key(&mut out, key);
+        if key == "meta" {
+            has_meta = true;
+            write_meta_with_subsetted(&mut out, raw.get())?;
+        } else {
+            out.extend_from_slice(raw.get().as_bytes());
+        }
+    }
+    if !has_meta {
+        out.extend_from_slice(b",\"meta\":");
+        write_meta_with_subsetted(&mut out, "{}")?;
+    }
+    out.push(b'}');
+    Some(out)
+}
+
+/// `valueQuantity` → `value[x]`-style stem `value`, so `_elements=value` keeps the choice.
+fn choice_stem(key: &str) -> String {
+    match key.find(|c: char| c.is_ascii_uppercase()) {
+        Some(at) if at > 0 => key[..at].to_owned(),
+        _ => key.to_owned(),
+    }
+}
+
+fn write_meta_with_subsetted(out: &mut Vec<u8>, meta: &str) -> Option<()> {
+    let fields = serde_json::from_str::<TopLevel<'_>>(meta).ok()?.0;
+    out.push(b'{');
+    let mut wrote_tag = false;
+    let mut first = true;
+    for (key, raw) in &fields {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        write_key(out, key);
+        if key == "tag" {
+            let tags: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+            out.push(b'[');
+            for tag in &tags {
+                out.extend_from_slice(tag.get().as_bytes());
+                out.push(b',');
+            }
+            out.extend_from_slice(SUBSETTED_TAG.as_bytes());
+            out.push(b']');
+            wrote_tag = true;
+        } else {
+            out.extend_from_slice(raw.get().as_bytes());
+        }
+    }
+    if !wrote_tag {
+        if !first {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"tag\":[");
+        out.extend_from_slice(SUBSETTED_TAG.as_bytes());
+        out.push(b']');
+    }
+    out.push(b'}');
+    Some(())
+}
+
 /// Parses only the top-level elements a compartment link starts from.
 fn compartment_of(resource_type: &str, fields: &Fields<'_>) -> Vec<String> {
     let Some(params) = compartment_params(resource_type) else {
@@ -436,6 +589,33 @@ impl<'de> Deserialize<'de> for TopLevel<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpaired_surrogate_escapes_are_refused() {
+        for body in [
+            r#"{"resourceType":"Basic","id":"a","text":"x\ud90e1"}"#,
+            r#"{"resourceType":"Basic","id":"a","text":"\udc00"}"#,
+            r#"{"resourceType":"Basic","id":"a","text":"\ud83d\u0041"}"#,
+            r#"{"resourceType":"Basic","id":"a","text":"\ud83d"}"#,
+        ] {
+            assert!(
+                matches!(
+                    prepare(body.as_bytes(), None, IdPolicy::FromBody),
+                    Err(EnvelopeError::InvalidJson(_))
+                ),
+                "{body}"
+            );
+        }
+        for body in [
+            r#"{"resourceType":"Basic","id":"a","text":"\ud83d\ude00 \u00e9 \\ud800"}"#,
+            r#"{"resourceType":"Basic","id":"a","text":"\\","code":{"text":"\"\u0041"}}"#,
+        ] {
+            assert!(
+                prepare(body.as_bytes(), None, IdPolicy::FromBody).is_ok(),
+                "{body}"
+            );
+        }
+    }
 
     fn stored(body: &str, policy: IdPolicy<'_>) -> String {
         let prepared = prepare(body.as_bytes(), None, policy).unwrap();
@@ -595,6 +775,21 @@ mod tests {
             std::str::from_utf8(&out).unwrap(),
             r#"{"a":{"reference":"Patient/p"},"b":"urn:uuid:12","c":"x\"urn:uuid:1\""}"#
         );
+    }
+
+    #[test]
+    fn subsets_top_level_elements_and_tags_them() {
+        let body = br#"{"resourceType":"Observation","id":"o","meta":{"versionId":"1"},"status":"final","code":{"text":"x"},"valueQuantity":{"value":1.50},"note":[{"text":"n"}]}"#;
+        let keep_value = |e: &str| e == "value";
+        let out = subset_elements("Observation", body, &keep_value).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            format!(
+                r#"{{"resourceType":"Observation","id":"o","meta":{{"versionId":"1","tag":[{SUBSETTED_TAG}]}},"status":"final","code":{{"text":"x"}},"valueQuantity":{{"value":1.50}}}}"#
+            )
+        );
+        let keep_all = |_: &str| true;
+        assert!(subset_elements("Observation", body, &keep_all).is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`envelope`]: checking a resource body and splitting it around the server-set meta fields.
 //! - [`instant`]: FHIR instants and partial dates as microseconds since the epoch.
 //! - [`outcome`]: `OperationOutcome`, how errors are told to a FHIR client.
+//! - [`search`]: FHIR search parameters (REST search and `_typeFilter`): parse and match.
 
 pub mod compartment;
 pub mod envelope;
@@ -14,3 +15,4 @@ pub mod generated;
 pub mod instant;
 pub mod outcome;
 pub mod resource_type;
+pub mod search;

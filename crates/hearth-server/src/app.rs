@@ -8,6 +8,7 @@ use std::time::Duration;
 use hearth_export::{EngineConfig, ExportEngine};
 use hearth_store::{SqliteStore, Store, StoreError};
 
+use crate::auth::{AuthSettings, Authorizer};
 use crate::{AppState, ServerConfig};
 
 /// Export settings of a server.
@@ -47,6 +48,19 @@ impl Embedded {
         config: ServerConfig,
         export: ExportSettings,
     ) -> Result<Self, StoreError> {
+        Self::start_secured(store, data_dir, config, export, &AuthSettings::default()).await
+    }
+
+    /// [`Embedded::start`] with authorization: manifests then say `requiresAccessToken`, and
+    /// every request needs a token.
+    pub async fn start_secured(
+        store: Arc<SqliteStore>,
+        data_dir: &Path,
+        config: ServerConfig,
+        export: ExportSettings,
+        auth: &AuthSettings,
+    ) -> Result<Self, StoreError> {
+        let base_url = config.base_url.clone();
         let engine = ExportEngine::start(
             store.clone(),
             EngineConfig {
@@ -56,12 +70,13 @@ impl Embedded {
                 max_file_bytes: export.max_file_bytes,
                 ttl: export.ttl,
                 max_active_exports: export.max_active_exports,
-                requires_access_token: false,
+                requires_access_token: auth.is_on(),
                 rows_per_unit: export.rows_per_unit,
             },
         )
         .await?;
-        let state = AppState::new(store.clone(), engine.clone(), config);
+        let authorizer = Authorizer::start(auth, store.clone(), &base_url).await?;
+        let state = AppState::new(store.clone(), engine.clone(), config).with_auth(authorizer);
         Ok(Self {
             state,
             store,

@@ -11,6 +11,27 @@ use crate::error::ApiResult;
 use crate::http_util::{fhir_json, parse_query, require_json_response};
 
 fn resource_entry(resource_type: &str) -> Value {
+    let mut entry = plain_resource_entry(resource_type);
+    // Both the STU2 names (checked by bdt) and the STU3 name `export` (checked by Inferno).
+    let (old_name, canonical) = match resource_type {
+        "Patient" => (
+            "patient-export",
+            "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+        ),
+        "Group" => (
+            "group-export",
+            "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
+        ),
+        _ => return entry,
+    };
+    entry["operation"] = json!([
+        {"name": "export", "definition": canonical},
+        {"name": old_name, "definition": canonical}
+    ]);
+    entry
+}
+
+fn plain_resource_entry(resource_type: &str) -> Value {
     json!({
         "type": resource_type,
         "interaction": [
@@ -23,11 +44,23 @@ fn resource_entry(resource_type: &str) -> Value {
         "conditionalCreate": false,
         "conditionalUpdate": false,
         "conditionalDelete": "not-supported",
-        "searchParam": [
-            {"name": "_id", "type": "token", "documentation": "Logical id; comma-separated ids are OR-ed."},
-            {"name": "_lastUpdated", "type": "date", "documentation": "Prefixes eq, gt, ge, lt, le, sa, eb."}
-        ]
+        "searchParam": search_params(resource_type)
     })
+}
+
+/// Every search parameter the engine evaluates for the type: usable in REST search and in
+/// `_typeFilter` alike.
+fn search_params(resource_type: &str) -> Vec<Value> {
+    let mut params = vec![
+        json!({"name": "_id", "type": "token", "documentation": "Logical id; comma-separated ids are OR-ed."}),
+        json!({"name": "_lastUpdated", "type": "date", "documentation": "Prefixes eq, gt, ge, lt, le, sa, eb."}),
+    ];
+    for (name, kind) in hearth_fhir::search::supported_parameters(resource_type) {
+        if name != "_id" && name != "_lastUpdated" {
+            params.push(json!({"name": name, "type": kind}));
+        }
+    }
+    params
 }
 
 /// The statement for a server at `base_url`, built once at start-up.
@@ -46,14 +79,14 @@ pub fn capability_statement(base_url: &str, started: &str) -> Vec<u8> {
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "documentation": "Search supports _id, _lastUpdated, _count, _summary=count and _total; other parameters are refused by name unless Prefer: handling=lenient is sent.",
+            "documentation": "Search supports the R4 search parameters listed per resource (token, string, reference, date, uri, quantity, number; modifiers :missing, :exact, :contains, :not, :text), plus _count, _summary=count and _total. Chained parameters, _has, _include and _sort are refused by name unless Prefer: handling=lenient is sent.",
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
             "operation": [
                 {
                     "name": "export",
                     "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
-                    "documentation": "Bulk Data system export (GET or POST). Parameters: _outputFormat (application/fhir+ndjson, application/ndjson, ndjson), _type, _since, _until, _exportId. Other IG parameters are refused by name, or ignored and reported in the manifest's error files with Prefer: handling=lenient. One resource type per NDJSON file; files roll over by size. Deleted resources (with _since) are listed as transaction Bundles in 'deleted'."
+                    "documentation": "Bulk Data system export (GET or POST). Parameters: _outputFormat (application/fhir+ndjson, application/ndjson, ndjson), _type, _since, _until, _typeFilter (and _typePostFetchFilterUrl; any search parameter listed on the resource), _elements (top-level elements; trimmed resources are tagged SUBSETTED), includeAssociatedData=RelevantProvenanceResources, _exportId. organizeOutputBy and allowPartialManifests are refused by name, or ignored and reported in the manifest's error files with Prefer: handling=lenient. One resource type per NDJSON file; files roll over by size. Deleted resources (with _since) are listed as transaction Bundles in 'deleted'. System exports include all Provenance unless _type leaves it out; Patient and Group exports cover the full R4 Patient compartment (Provenance whose target is the patient included) and add no resources outside it. A Group export honours member.inactive and member.period at transactionTime and skips members that are not Patients; with _since it exports the current state of resources changed since, including for patients who joined later."
                 },
                 {
                     "name": "export-poll-status",

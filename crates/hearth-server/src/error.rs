@@ -37,6 +37,15 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{message}")]
     TooManyRequests { message: String, retry_after: u64 },
+    /// `401`: no valid bearer token. `challenge` is the `WWW-Authenticate` value.
+    #[error("{message}")]
+    Unauthorized { message: String, challenge: String },
+    /// `403`: the token is valid but does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// `408`: the client took too long to send its request.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// `416`: a `Range` outside the file.
     #[error("the requested range is not within the {len} bytes of the file")]
     RangeNotSatisfiable { len: u64 },
@@ -81,6 +90,9 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::JobFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Store(StoreError::Entry { error, .. }) => write_error_status(error),
@@ -100,6 +112,9 @@ impl ApiError {
             Self::PreconditionFailed(_) => "conflict",
             Self::PayloadTooLarge { .. } => "too-long",
             Self::TooManyRequests { .. } => "throttled",
+            Self::Unauthorized { .. } => "login",
+            Self::Forbidden(_) => "forbidden",
+            Self::RequestTimeout(_) => "timeout",
             Self::RangeNotSatisfiable { .. } => "invalid",
             Self::JobFailed(_) => "exception",
             Self::Store(StoreError::Entry { .. }) => "conflict",
@@ -150,6 +165,15 @@ impl IntoResponse for ApiError {
         match self {
             Self::TooManyRequests { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            Self::Unauthorized { challenge, .. } => {
+                if let Ok(value) = HeaderValue::from_str(&challenge) {
+                    headers.insert(header::WWW_AUTHENTICATE, value);
+                }
+            }
+            Self::RequestTimeout(_) => {
+                // The rest of a slow body is not worth waiting for.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::RangeNotSatisfiable { len } => {
                 if let Ok(value) = HeaderValue::from_str(&format!("bytes */{len}")) {

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{OriginalUri, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -18,6 +19,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::AppState;
+use crate::auth::{self, Grants};
 use crate::error::{ApiError, ApiResult};
 use crate::http_util::{
     QueryParams, fhir_json, http_date, parse_query, prefer, read_body, require_json_body,
@@ -120,8 +122,83 @@ fn request_url(app: &AppState, uri: &axum::http::Uri) -> String {
     }
 }
 
+/// `[base]/$export`.
 pub async fn kick_off(
+    state: State<AppState>,
+    grants: Option<Extension<Grants>>,
+    method: Method,
+    uri: OriginalUri,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    kick_off_at(
+        Level::System,
+        state,
+        grants,
+        method,
+        uri,
+        query,
+        headers,
+        body,
+    )
+    .await
+}
+
+/// `[base]/Patient/$export`.
+pub async fn kick_off_patient(
+    state: State<AppState>,
+    grants: Option<Extension<Grants>>,
+    method: Method,
+    uri: OriginalUri,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    kick_off_at(
+        Level::Patient,
+        state,
+        grants,
+        method,
+        uri,
+        query,
+        headers,
+        body,
+    )
+    .await
+}
+
+/// `[base]/Group/[id]/$export`.
+#[allow(clippy::too_many_arguments)]
+pub async fn kick_off_group(
+    state: State<AppState>,
+    grants: Option<Extension<Grants>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: OriginalUri,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let id = crate::rest::valid_id(&id)?.to_owned();
+    kick_off_at(
+        Level::Group(id),
+        state,
+        grants,
+        method,
+        uri,
+        query,
+        headers,
+        body,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn kick_off_at(
+    level: Level,
     State(app): State<AppState>,
+    grants: Option<Extension<Grants>>,
     method: Method,
     OriginalUri(uri): OriginalUri,
     RawQuery(query): RawQuery,
@@ -136,6 +213,12 @@ pub async fn kick_off(
     }
     check_kick_off_accept(&app, &headers)?;
     let mut params = parse_query(query.as_deref());
+    if level != Level::System && params.iter().any(|(k, _)| k == "patient") {
+        return Err(ApiError::invalid_parameter(
+            "patient",
+            "the patient parameter is accepted in a POST Parameters body only",
+        ));
+    }
     if method == Method::POST {
         let body = read_body(&headers, body, app.config.max_body_bytes).await?;
         if !body.iter().all(u8::is_ascii_whitespace) {
@@ -143,20 +226,25 @@ pub async fn kick_off(
         }
         params.extend(parameters_body(&body)?);
     }
-    let request = ExportRequest::parse(
-        Level::System,
+    let mut request = ExportRequest::parse(
+        level,
         &params,
         prefer.lenient,
         request_url(&app, &uri),
         now_micros(),
     )
     .map_err(|e| ApiError::invalid_parameter(&e.parameter, e.message))?;
+    // With authorization on, only what the token covers (403 for more).
+    let grants = grants.map(|Extension(grants)| grants);
+    auth::restrict_export(grants.as_ref(), &mut request)?;
+    let client = grants.as_ref().map_or(ANONYMOUS, |g| g.client.as_str());
     let job_id = app
         .engine
-        .kick_off(request, ANONYMOUS)
+        .kick_off(request, client)
         .await
         .map_err(|e| match e {
             KickOffError::Parameter(e) => ApiError::invalid_parameter(&e.parameter, e.message),
+            KickOffError::NotFound(message) => ApiError::NotFound(message),
             KickOffError::TooMany { .. } => ApiError::TooManyRequests {
                 message: format!("{e}; wait for one to finish or cancel one"),
                 retry_after: 30,
@@ -164,6 +252,7 @@ pub async fn kick_off(
             KickOffError::Store(e) => e.into(),
             KickOffError::Io(e) => ApiError::Internal(e.to_string()),
         })?;
+    auth::audit("export.kick_off", grants.as_ref(), &job_id, "202");
     let location = format!(
         "{}/$export-poll-status?_jobId={job_id}",
         app.config.base_url
@@ -207,14 +296,27 @@ fn unknown_job(id: &str) -> ApiError {
 
 pub async fn poll_status(
     State(app): State<AppState>,
+    grants: Option<Extension<Grants>>,
     method: Method,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     let id = job_id(&app, &method, query.as_deref(), &headers, body).await?;
+    // Another client's job answers as if it did not exist.
+    let grants = grants.map(|Extension(grants)| grants);
+    if !auth::owns_job(&app, grants.as_ref(), &id).await? {
+        return Err(unknown_job(&id));
+    }
     if method == Method::DELETE {
-        return match app.engine.cancel(&id).await? {
+        app.polls.forget(&id);
+        let outcome = app.engine.cancel(&id).await?;
+        let answered = match outcome {
+            CancelOutcome::Cancelled => "202",
+            _ => "404",
+        };
+        auth::audit("export.cancel", grants.as_ref(), &id, answered);
+        return match outcome {
             CancelOutcome::Cancelled => Ok(fhir_json(
                 StatusCode::ACCEPTED,
                 operation_outcome(&[Issue::information(format!(
@@ -227,7 +329,18 @@ pub async fn poll_status(
             CancelOutcome::NotFound => Err(unknown_job(&id)),
         };
     }
-    match app.engine.status(&id).await? {
+    app.polls.check(&id)?;
+    let view = app.engine.status(&id).await?;
+    match &view {
+        JobView::InProgress { retry_after, .. } => app.polls.told(&id, *retry_after),
+        JobView::Completed { .. } => auth::audit("export.status", grants.as_ref(), &id, "200"),
+        JobView::Failed { .. } => auth::audit("export.status", grants.as_ref(), &id, "500"),
+        JobView::NotFound => {}
+    }
+    if !matches!(view, JobView::InProgress { .. }) {
+        app.polls.forget(&id);
+    }
+    match view {
         JobView::InProgress {
             progress,
             retry_after,
@@ -429,13 +542,29 @@ fn stream_file(
 /// `GET [base]/Binary/<id>`: an export file, or else a stored Binary resource.
 pub async fn binary(
     State(app): State<AppState>,
+    grants: Option<Extension<Grants>>,
     Path(id): Path<String>,
     raw_query: RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    match app.engine.file(&id).await? {
-        Some(file) => download(file, &headers).await,
+    let grants = grants.map(|Extension(grants)| grants);
+    // Another client's file is treated as no file at all.
+    let file = app
+        .engine
+        .file(&id)
+        .await?
+        .filter(|file| auth::owns_file(grants.as_ref(), file));
+    match file {
+        Some(file) => {
+            auth::check_file(grants.as_ref(), &file)?;
+            let job = file.job.id.clone();
+            let result = download(file, &headers).await;
+            let status = result.as_ref().map_or_else(|e| e.status(), |r| r.status());
+            auth::audit("export.download", grants.as_ref(), &job, status.as_str());
+            result
+        }
         None => {
+            auth::require_read(grants.as_ref(), "Binary")?;
             crate::rest::read(
                 State(app),
                 Path(("Binary".to_owned(), id)),

@@ -10,15 +10,21 @@
 //! - [`capability`]: `GET /metadata` and the OperationDefinitions Hearth serves.
 //! - [`export`]: the Bulk Data endpoints (kick-off, status, cancel, downloads).
 //! - [`http_util`]: negotiation, bodies and headers shared by the handlers.
+//! - [`auth`]: authorization (SMART Backend Services, external OpenID Connect providers).
+//! - [`limits`]: request deadlines and the poll rate per export job.
+//! - [`transport`]: the accept loop: HTTPS, header limits, stalled clients, connection limits.
 
 pub mod app;
+pub mod auth;
 pub mod bundle;
 pub mod capability;
 pub mod error;
 pub mod export;
 pub mod http_util;
+pub mod limits;
 pub mod rest;
 pub mod search;
+pub mod transport;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +46,8 @@ use crate::error::ApiError;
 pub const FHIR_PATH: &str = "/fhir";
 
 pub use app::{Embedded, ExportSettings};
+pub use auth::AuthSettings;
+pub use transport::{ServeOptions, load_tls, serve_with};
 
 /// What the HTTP edge needs to know.
 #[derive(Debug, Clone)]
@@ -59,6 +67,10 @@ pub struct AppState {
     pub engine: ExportEngine,
     pub config: Arc<ServerConfig>,
     capability: Arc<Bytes>,
+    /// Present when authorization is on ([`AppState::with_auth`]).
+    pub auth: Option<Arc<auth::Authorizer>>,
+    /// Paces status polls per job ([`AppState::with_poll_throttle`]); off by default.
+    pub polls: Arc<limits::PollThrottle>,
 }
 
 impl AppState {
@@ -70,7 +82,15 @@ impl AppState {
             engine,
             config: Arc::new(config),
             capability: Arc::new(Bytes::from(capability)),
+            auth: None,
+            polls: Arc::new(limits::PollThrottle::new(false)),
         }
+    }
+
+    /// Answers `429` to status polls that come sooner than the last `Retry-After` asked.
+    pub fn with_poll_throttle(mut self, enabled: bool) -> Self {
+        self.polls = Arc::new(limits::PollThrottle::new(enabled));
+        self
     }
 }
 
@@ -91,7 +111,20 @@ pub fn router(state: AppState) -> Router {
     let fhir = Router::new()
         .route("/", post(bundle::process))
         .route("/metadata", get(capability::metadata))
+        .route(
+            "/.well-known/smart-configuration",
+            get(auth::smart::discovery),
+        )
+        .route("/auth/token", post(auth::smart::token))
         .route("/$export", get(export::kick_off).post(export::kick_off))
+        .route(
+            "/Patient/$export",
+            get(export::kick_off_patient).post(export::kick_off_patient),
+        )
+        .route(
+            "/Group/{id}/$export",
+            get(export::kick_off_group).post(export::kick_off_group),
+        )
         .route(
             "/$export-poll-status",
             get(export::poll_status)
@@ -118,27 +151,27 @@ pub fn router(state: AppState) -> Router {
         .route("/{type}/{id}/_history", get(rest::history))
         .route("/{type}/{id}/_history/{version}", get(rest::vread))
         .method_not_allowed_fallback(method_not_allowed);
-    Router::new()
-        .nest(FHIR_PATH, fhir)
-        .fallback(not_found)
-        .with_state(state)
+    let app = Router::new().nest(FHIR_PATH, fhir).fallback(not_found);
+    // Only with authorization on: otherwise every request goes exactly as before.
+    let app = if state.auth.is_some() {
+        app.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::middleware::enforce,
+        ))
+    } else {
+        app
+    };
+    app.with_state(state)
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
 }
 
-/// Serves until `shutdown` resolves, then lets in-flight requests finish.
+/// Serves plain HTTP with the default limits until `shutdown` resolves, then lets in-flight
+/// requests finish ([`serve_with`] for HTTPS and other limits).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Headers and body go out in separate writes: without TCP_NODELAY the body waits for the
-    // client's delayed ACK (about 40 ms per small download).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(listener, state, ServeOptions::default(), shutdown).await
 }

@@ -1,15 +1,20 @@
 //! Type-level search: `GET [base]/{type}?...` returning a `searchset` Bundle.
 //!
-//! Parameters: `_id`, `_lastUpdated` (prefixes `eq gt ge lt le sa eb`), `_count`,
-//! `_summary=count`, `_total=none|accurate`, and `_cursor`, the keyset position of the next
-//! page (a change sequence number, never an offset). Any other parameter is refused by name,
-//! or, with `Prefer: handling=lenient`, ignored and reported in the Bundle.
+//! `_id` and `_lastUpdated` (prefixes `eq gt ge lt le sa eb`) use the store's indexes; every
+//! other R4 search parameter goes to the search engine (`hearth_fhir::search`), evaluated on
+//! each resource of the type. Result parameters: `_count`, `_summary=count`,
+//! `_total=none|accurate`, and `_cursor`, the keyset position of the next page (a change
+//! sequence number, never an offset). A parameter the engine cannot evaluate is refused by
+//! name, or, with `Prefer: handling=lenient`, ignored and reported in the Bundle.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use hearth_fhir::instant::{Micros, parse_date_range};
 use hearth_fhir::outcome::{Issue, Severity, operation_outcome};
+use std::sync::Arc;
+
+use hearth_fhir::search::{Filter, SearchError};
 use hearth_store::SearchQuery;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -104,6 +109,7 @@ fn parse_search(
         ..SearchQuery::default()
     };
     let mut ignored = Vec::new();
+    let mut filters: Vec<(String, String)> = Vec::new();
     for (name, value) in params {
         match name.as_str() {
             "_id" => {}
@@ -135,12 +141,28 @@ fn parse_search(
                     ApiError::invalid_parameter("_cursor", "the paging cursor is not valid")
                 })?;
             }
-            other if lenient => ignored.push(other.to_owned()),
-            other => {
-                return Err(ApiError::NotSupported(format!(
-                    "the search parameter '{other}' is not supported for {resource_type} (send Prefer: handling=lenient to ignore it)"
-                )));
+            _ => filters.push((name.clone(), value.clone())),
+        }
+    }
+    // Everything else goes to the search engine. Lenient: drop what it refuses, by name.
+    loop {
+        match Filter::parse(resource_type, &filters) {
+            Ok(filter) => {
+                if !filters.is_empty() {
+                    query.filter = Some(Arc::new(filter));
+                }
+                break;
             }
+            Err(e) if lenient => {
+                let refused = e.parameter().to_owned();
+                let before = filters.len();
+                filters.retain(|(name, _)| name.split(':').next() != Some(refused.as_str()));
+                if filters.len() == before {
+                    return Err(search_error(e));
+                }
+                ignored.push(format!("{refused} ({e})"));
+            }
+            Err(e) => return Err(search_error(e)),
         }
     }
     query.ids = comma_values(params, "_id")
@@ -148,6 +170,14 @@ fn parse_search(
         .map(str::to_owned)
         .collect();
     Ok(ParsedSearch { query, ignored })
+}
+
+fn search_error(error: SearchError) -> ApiError {
+    let parameter = error.parameter().to_owned();
+    ApiError::invalid_parameter(
+        &parameter,
+        format!("{error} (send Prefer: handling=lenient to ignore unsupported parameters)"),
+    )
 }
 
 fn query_string(params: &QueryParams, cursor: Option<i64>) -> String {

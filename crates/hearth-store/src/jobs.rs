@@ -67,6 +67,9 @@ pub enum UnitKind {
     Output,
     /// Resources deleted in the window, as transaction Bundles of DELETE entries.
     Deleted,
+    /// The Provenance of the exported resources: runs once every other unit of its job is
+    /// done, over the Provenance resources of its range.
+    Provenance,
 }
 
 impl UnitKind {
@@ -74,6 +77,7 @@ impl UnitKind {
         match self {
             Self::Output => "output",
             Self::Deleted => "deleted",
+            Self::Provenance => "provenance",
         }
     }
 
@@ -81,7 +85,30 @@ impl UnitKind {
         match text {
             "output" => Some(Self::Output),
             "deleted" => Some(Self::Deleted),
+            "provenance" => Some(Self::Provenance),
             _ => None,
+        }
+    }
+}
+
+/// Which resources of a unit's range are in the export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitScope {
+    /// Every resource of the type (system export).
+    All,
+    /// Those in some patient's compartment (`Patient/$export`).
+    Compartment,
+    /// Those in the compartment of one of these patients (Group export, `patient`); the unit's
+    /// `resource_type` is then a comma-separated list of types.
+    Patients(Vec<String>),
+}
+
+impl UnitScope {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Compartment => "compartment",
+            Self::Patients(_) => "patients",
         }
     }
 }
@@ -106,6 +133,7 @@ pub struct NewJob {
 pub struct UnitPlan {
     pub resource_type: String,
     pub kind: UnitKind,
+    pub scope: UnitScope,
     /// Exclusive.
     pub seq_after: Seq,
     /// Inclusive.
@@ -144,6 +172,7 @@ pub struct ClaimedUnit {
     pub unit_no: i64,
     pub resource_type: String,
     pub kind: UnitKind,
+    pub scope: UnitScope,
     pub seq_after: Seq,
     pub seq_upto: Seq,
     /// The job's snapshot sequence number.
@@ -195,7 +224,13 @@ pub enum CancelOutcome {
 /// One row of an export scan.
 pub struct ScanRow<'a> {
     pub seq: Seq,
+    pub resource_type: &'a str,
     pub id: &'a str,
+    /// How many patients' compartments hold the version.
+    pub compartment_size: i64,
+    /// For [`UnitScope::Patients`]: the key of the unit's patient this row was found through
+    /// (a row in several of the unit's patients' compartments comes once per patient).
+    pub via_patient: i64,
     pub last_updated: Micros,
     /// The stored resource (empty for a deletion).
     pub body: &'a [u8],
@@ -237,6 +272,15 @@ pub trait JobStore: Send + Sync + 'static {
         after: Seq,
         upto: Seq,
     ) -> Result<(u64, Seq, Seq), StoreError>;
+
+    /// How many compartment rows (versions) the patients have in `(after, upto]`: an upper
+    /// bound on what a Group export of them writes.
+    async fn compartment_rows(
+        &self,
+        patients: &[String],
+        after: Seq,
+        upto: Seq,
+    ) -> Result<u64, StoreError>;
 
     /// Resource types with at least one version in `(after, upto]`.
     async fn types_present(&self, after: Seq, upto: Seq) -> Result<Vec<String>, StoreError>;

@@ -4,6 +4,7 @@
 //! - [`model`]: what goes in and comes out (write operations, stored versions, search pages).
 //! - [`error`]: the store's error types.
 //! - [`jobs`]: durable export jobs, work units with leases, and their files.
+//! - [`clients`]: registered SMART clients, assertion replay cache, the token secret.
 //! - [`sqlite`]: the embedded backend (one writer thread, a pool of readers, WAL mode).
 //!
 //! Every write gets a **change sequence** number (`seq`) and a strictly increasing
@@ -12,6 +13,7 @@
 //! maps to a sequence number, and time windows (`_since`, `_lastUpdated`) become `seq` ranges
 //! over one index.
 
+pub mod clients;
 pub mod error;
 pub mod jobs;
 pub mod model;
@@ -27,8 +29,8 @@ pub use model::{
 pub use sqlite::SqliteStore;
 
 /// Everything a Hearth server needs from its storage.
-pub trait Backend: Store + jobs::JobStore + jobs::ScanSource {}
-impl<T: Store + jobs::JobStore + jobs::ScanSource> Backend for T {}
+pub trait Backend: Store + jobs::JobStore + jobs::ScanSource + clients::ClientStore {}
+impl<T: Store + jobs::JobStore + jobs::ScanSource + clients::ClientStore> Backend for T {}
 
 /// What every storage backend offers. Methods never block the async runtime.
 #[async_trait]

@@ -85,6 +85,8 @@ pub struct SearchQuery {
     pub count: usize,
     /// Count all matches as well.
     pub total: bool,
+    /// Search parameters beyond `_id` and `_lastUpdated`, evaluated on each resource.
+    pub filter: Option<std::sync::Arc<hearth_fhir::search::Filter>>,
 }
 
 /// One page of search results.

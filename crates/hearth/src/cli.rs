@@ -35,6 +35,10 @@ enum Command {
     Synth(SynthArgs),
     /// Fill an empty data directory with a synthetic population, then serve it.
     Demo(DemoArgs),
+    /// Download a Bulk Data export from any FHIR server: kick-off, polling, parallel downloads.
+    Export(crate::export_cmd::ExportArgs),
+    /// Register, list and remove SMART Backend Services clients (for `serve --auth smart`).
+    Clients(crate::clients_cmd::ClientsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,10 +77,12 @@ struct ServeArgs {
     /// Accept export kick-offs that have no Accept header.
     #[arg(long, env = "HEARTH_LENIENT_HEADERS")]
     lenient_headers: bool,
+    #[command(flatten)]
+    security: crate::security_args::SecurityArgs,
 }
 
 /// `90`, `90s`, `15m`, `24h` or `2d`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
@@ -172,6 +178,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(args.serve.log_format);
             demo(args).await
         }
+        Command::Export(args) => crate::export_cmd::run(args).await,
+        Command::Clients(args) => crate::clients_cmd::run(args).await,
     }
 }
 
@@ -227,9 +235,12 @@ async fn serve_store(args: ServeArgs, store: Arc<SqliteStore>) -> anyhow::Result
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let local = listener.local_addr()?;
+    let auth = args.security.auth_settings()?;
+    let options = args.security.serve_options()?;
+    let scheme = if args.security.tls() { "https" } else { "http" };
     let base_url = args
         .base_url
-        .unwrap_or_else(|| format!("http://{local}{FHIR_PATH}"))
+        .unwrap_or_else(|| format!("{scheme}://{local}{FHIR_PATH}"))
         .trim_end_matches('/')
         .to_owned();
     let export = ExportSettings {
@@ -247,11 +258,16 @@ async fn serve_store(args: ServeArgs, store: Arc<SqliteStore>) -> anyhow::Result
         max_body_bytes: args.max_body_bytes,
         lenient_headers: args.lenient_headers,
     };
-    let embedded = Embedded::start(store, &args.data, config, export)
+    let embedded = Embedded::start_secured(store, &args.data, config, export, &auth)
         .await
         .context("starting the export engine")?;
-    tracing::info!(%base_url, data = %args.data.display(), workers, "Hearth is serving FHIR R4");
-    hearth_server::serve(listener, embedded.state.clone(), shutdown_signal()).await?;
+    let state = embedded
+        .state
+        .clone()
+        .with_poll_throttle(args.security.throttle_polls);
+    tracing::info!(%base_url, data = %args.data.display(), workers, auth = ?auth.kind,
+        tls = options.tls.is_some(), "Hearth is serving FHIR R4");
+    hearth_server::serve_with(listener, state, options, shutdown_signal()).await?;
     embedded.shutdown().await.context("closing the store")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

@@ -2,6 +2,9 @@
 //! library crates.
 
 mod cli;
+mod clients_cmd;
+mod export_cmd;
+mod security_args;
 
 use std::process::ExitCode;
 

@@ -617,3 +617,169 @@ fn parse_raw_response(received: &[u8]) -> RawResponse {
         body,
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A Bulk Data client for test modules other than `export.rs`: the few lines of its kick-off,
+// poll and download helpers they need, copied (not moved) so `export.rs` stays as it is.
+
+/// A kick-off at `path` (`/$export...`, `/Patient/$export...`, `/Group/<id>/$export...`) with
+/// `Accept: application/fhir+json` and `Prefer: respond-async` (plus `handling=lenient` when
+/// asked): a GET, or with `body` a POST of that `Parameters`.
+pub async fn export_kick_off(
+    server: &TestServer,
+    path: &str,
+    body: Option<&Value>,
+    lenient: bool,
+) -> Response {
+    let prefer = if lenient {
+        "respond-async, handling=lenient"
+    } else {
+        "respond-async"
+    };
+    let method = if body.is_some() {
+        Method::POST
+    } else {
+        Method::GET
+    };
+    let mut request = server
+        .request(method, path)
+        .header("prefer", prefer)
+        .header("accept", FHIR_JSON);
+    if let Some(body) = body {
+        request = request
+            .header("content-type", FHIR_JSON)
+            .body(body.to_string());
+    }
+    request.send().await.expect("the kick-off is answered")
+}
+
+/// Asserts an accepted kick-off (`202`, no body, an absolute `Content-Location` under the
+/// base) and returns the status URL.
+pub async fn export_accepted(server: &TestServer, response: Response) -> String {
+    let status = response.status();
+    let url = response.url().to_string();
+    let location = response
+        .headers()
+        .get("content-location")
+        .map(|v| v.to_str().expect("a text header").to_owned());
+    let body = response.text().await.expect("a readable body");
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "kick-off {url} answered {status}: {body}"
+    );
+    assert!(
+        body.is_empty(),
+        "the kick-off {url} answered a body: {body}"
+    );
+    let location = location.expect("a 202 kick-off has Content-Location");
+    assert!(
+        location.starts_with(&format!("{}/$export-poll-status?_jobId=", server.base)),
+        "Content-Location {location}"
+    );
+    location
+}
+
+/// Polls a status URL (as Inferno does, `Accept: application/json`) until the manifest,
+/// within 60 s. The first answer must be `202`; the manifest must be `200`
+/// `application/json` with `transactionTime`, `request`, and `output`, `deleted` and `error`
+/// arrays of items with a `type`, a `url` under `[base]/Binary/` and a positive `count`.
+pub async fn export_manifest(server: &TestServer, status_url: &str) -> Value {
+    let started = std::time::Instant::now();
+    let mut polls = 0;
+    loop {
+        let response = server
+            .client
+            .get(status_url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .expect("the status request is answered");
+        polls += 1;
+        let status = response.status();
+        if status != StatusCode::ACCEPTED {
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap_or("").to_owned())
+                .unwrap_or_default();
+            let text = response.text().await.expect("a readable body");
+            assert!(
+                polls > 1,
+                "the first poll answered {status}, not 202: {text}"
+            );
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "{status_url} answered {status}: {text}"
+            );
+            assert!(
+                content_type.starts_with("application/json"),
+                "the manifest's Content-Type is '{content_type}'"
+            );
+            let manifest: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("the manifest is not JSON ({e}): {text}"));
+            assert!(manifest["transactionTime"].is_string(), "{manifest}");
+            assert!(manifest["request"].is_string(), "{manifest}");
+            let file_prefix = format!("{}/Binary/", server.base);
+            for kind in ["output", "deleted", "error"] {
+                let items = manifest[kind]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("'{kind}' is not an array in {manifest}"));
+                for item in items {
+                    assert!(item["type"].is_string(), "an item without type: {item}");
+                    assert!(
+                        item["url"]
+                            .as_str()
+                            .is_some_and(|u| u.starts_with(&file_prefix)),
+                        "an item url not under {file_prefix}: {item}"
+                    );
+                    assert!(
+                        item["count"].as_u64().is_some_and(|c| c > 0),
+                        "an item without a positive count: {item}"
+                    );
+                }
+            }
+            return manifest;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the export at {status_url} was not done within 60 s ({polls} polls)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Downloads an export file (`Accept: application/fhir+ndjson`): `200`, that media type, and
+/// newline-terminated lines, none blank. Returns the lines.
+pub async fn export_file_lines(server: &TestServer, url: &str) -> Vec<String> {
+    let response = server
+        .client
+        .get(url)
+        .header("accept", "application/fhir+ndjson")
+        .send()
+        .await
+        .expect("the download is answered");
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let text = response.text().await.expect("a readable body");
+    assert_eq!(status, StatusCode::OK, "{url} answered {status}: {text}");
+    assert!(
+        content_type.starts_with("application/fhir+ndjson"),
+        "{url}: Content-Type '{content_type}'"
+    );
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "{url} does not end with a newline"
+    );
+    text.lines()
+        .map(|line| {
+            assert!(!line.trim().is_empty(), "a blank line in {url}");
+            line.to_owned()
+        })
+        .collect()
+}

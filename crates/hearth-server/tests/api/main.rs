@@ -4,5 +4,6 @@
 mod bundle;
 mod export;
 mod helpers;
+mod patient_export;
 mod rest;
 mod search;

@@ -8,7 +8,7 @@ use super::SqliteStore;
 use crate::error::StoreError;
 use crate::jobs::{
     CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, JobStore, NewJob, ScanError,
-    ScanRow, ScanSource, Snapshot, UnitCommit, UnitKind,
+    ScanRow, ScanSource, Snapshot, UnitCommit, UnitKind, UnitScope,
 };
 use crate::model::Seq;
 
@@ -72,55 +72,164 @@ fn load_job(conn: &Connection, id: &str) -> Result<Option<JobRecord>, StoreError
         .optional()?)
 }
 
-/// Streams the versions of `resource_type` in `(seq_after, seq_upto]` that are the newest as
-/// of `snapshot_seq` (see [`ScanSource::scan_unit`]).
+/// Streams a unit's rows (see [`ScanSource::scan_unit`]).
 pub fn scan(
     conn: &Connection,
-    resource_type: &str,
-    kind: UnitKind,
-    seq_after: Seq,
-    seq_upto: Seq,
-    snapshot_seq: Seq,
+    unit: &ClaimedUnit,
     each: &mut dyn FnMut(ScanRow<'_>) -> std::io::Result<bool>,
 ) -> Result<(), ScanError> {
-    let deleted = matches!(kind, UnitKind::Deleted);
-    let mut stmt = conn
+    use rusqlite::types::Value;
+    let deleted = matches!(unit.kind, UnitKind::Deleted);
+    let visible = "(rv.superseded_by IS NULL OR rv.superseded_by > ?4) AND rv.deleted = ?5";
+    let mut values: Vec<Value> = vec![
+        Value::Null,
+        Value::Integer(unit.seq_after),
+        Value::Integer(unit.seq_upto.min(unit.snapshot_seq)),
+        Value::Integer(unit.snapshot_seq),
+        Value::Integer(deleted.into()),
+    ];
+    let sql = match &unit.scope {
+        UnitScope::All | UnitScope::Compartment => {
+            values[0] = Value::Text(unit.resource_type.clone());
+            let compartment = if unit.scope == UnitScope::Compartment {
+                " AND rv.compartment_size > 0"
+            } else {
+                ""
+            };
+            format!(
+                "SELECT rv.seq, rv.res_type, rv.res_id, rv.last_updated, rv.body, rv.compartment_size, 0
+                 FROM resource_version rv
+                 WHERE rv.res_type = ?1 AND rv.seq > ?2 AND rv.seq <= ?3 AND {visible}{compartment}
+                 ORDER BY rv.seq"
+            )
+        }
+        UnitScope::Patients(patients) => {
+            return scan_patients(conn, unit, patients, each);
+        }
+    };
+    let mut stmt = conn.prepare(&sql).map_err(StoreError::from)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(values))
+        .map_err(StoreError::from)?;
+    let field = |e: rusqlite::types::FromSqlError| StoreError::from(rusqlite::Error::from(e));
+    while let Some(row) = rows.next().map_err(StoreError::from)? {
+        let text = |i: usize| -> Result<&str, StoreError> {
+            row.get_ref(i)
+                .map_err(StoreError::from)?
+                .as_str()
+                .map_err(field)
+        };
+        let scanned = ScanRow {
+            seq: row.get(0).map_err(StoreError::from)?,
+            resource_type: text(1)?,
+            id: text(2)?,
+            last_updated: row.get(3).map_err(StoreError::from)?,
+            body: row
+                .get_ref(4)
+                .map_err(StoreError::from)?
+                .as_blob()
+                .map_err(field)?,
+            compartment_size: row.get(5).map_err(StoreError::from)?,
+            via_patient: row.get(6).map_err(StoreError::from)?,
+        };
+        if !each(scanned)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The rows of a batch of patients' compartments. The compartment index gives their change
+/// sequence numbers; reading the rows in that order visits each table page once, where
+/// following the index patient by patient would read a page per row.
+fn scan_patients(
+    conn: &Connection,
+    unit: &ClaimedUnit,
+    patients: &[String],
+    each: &mut dyn FnMut(ScanRow<'_>) -> std::io::Result<bool>,
+) -> Result<(), ScanError> {
+    let upto = unit.seq_upto.min(unit.snapshot_seq);
+    let mut routes: Vec<(Seq, i64)> = Vec::new();
+    {
+        use rusqlite::types::Value;
+        let mut values = vec![Value::Integer(unit.seq_after), Value::Integer(upto)];
+        let mut keys = String::new();
+        for patient in patients {
+            values.push(Value::Integer(super::resource_key("Patient", patient)));
+            if !keys.is_empty() {
+                keys.push(',');
+            }
+            keys.push_str(&format!("?{}", values.len()));
+        }
+        let mut members = conn
+            .prepare(&format!(
+                "SELECT seq, patient_key FROM compartment_member
+                 WHERE patient_key IN ({keys}) AND seq > ?1 AND seq <= ?2"
+            ))
+            .map_err(StoreError::from)?;
+        let found = members
+            .query_map(rusqlite::params_from_iter(values), |row| {
+                Ok((row.get::<_, Seq>(0)?, row.get::<_, i64>(1)?))
+            })
+            .map_err(StoreError::from)?;
+        for route in found {
+            routes.push(route.map_err(StoreError::from)?);
+        }
+    }
+    routes.sort_unstable();
+    let types: Vec<&str> = unit.resource_type.split(',').collect();
+    let deleted = matches!(unit.kind, UnitKind::Deleted);
+    let mut row_at = conn
         .prepare_cached(
-            "SELECT seq, res_id, last_updated, body FROM resource_version
-         WHERE res_type = ?1 AND seq > ?2 AND seq <= ?3
-           AND (superseded_by IS NULL OR superseded_by > ?4) AND deleted = ?5
-         ORDER BY seq",
+            "SELECT res_type, res_id, last_updated, body, compartment_size, version FROM resource_version
+             WHERE seq = ?1 AND (superseded_by IS NULL OR superseded_by > ?2) AND deleted = ?3",
         )
         .map_err(StoreError::from)?;
-    let mut rows = stmt
-        .query(params![
-            resource_type,
-            seq_after,
-            seq_upto.min(snapshot_seq),
-            snapshot_seq,
-            deleted
-        ])
-        .map_err(StoreError::from)?;
-    while let Some(row) = rows.next().map_err(StoreError::from)? {
-        let field = |e: rusqlite::types::FromSqlError| StoreError::from(rusqlite::Error::from(e));
-        let seq: Seq = row.get(0).map_err(StoreError::from)?;
-        let id = row
-            .get_ref(1)
-            .map_err(StoreError::from)?
-            .as_str()
-            .map_err(field)?;
-        let last_updated: Micros = row.get(2).map_err(StoreError::from)?;
-        let body = row
-            .get_ref(3)
-            .map_err(StoreError::from)?
-            .as_blob()
-            .map_err(field)?;
-        if !each(ScanRow {
+    let field = |e: rusqlite::types::FromSqlError| StoreError::from(rusqlite::Error::from(e));
+    for (seq, via_patient) in routes {
+        let mut rows = row_at
+            .query(params![seq, unit.snapshot_seq, deleted])
+            .map_err(StoreError::from)?;
+        let Some(row) = rows.next().map_err(StoreError::from)? else {
+            continue;
+        };
+        let text = |i: usize| -> Result<&str, StoreError> {
+            row.get_ref(i)
+                .map_err(StoreError::from)?
+                .as_str()
+                .map_err(field)
+        };
+        let resource_type = text(0)?;
+        if !types.contains(&resource_type) {
+            continue;
+        }
+        let id = text(1)?;
+        let compartment_size: i64 = row.get(4).map_err(StoreError::from)?;
+        // A tombstone found through several patients is told apart by the compartment of the
+        // version it ended, whose body the worker reads in place of the empty one.
+        let ended;
+        let body = if deleted && compartment_size > 1 {
+            let version: i64 = row.get(5).map_err(StoreError::from)?;
+            ended = super::read::version(conn, resource_type, id, (version - 1) as u64)?
+                .map(|v| v.body)
+                .unwrap_or_default();
+            ended.as_slice()
+        } else {
+            row.get_ref(3)
+                .map_err(StoreError::from)?
+                .as_blob()
+                .map_err(field)?
+        };
+        let scanned = ScanRow {
             seq,
+            resource_type,
             id,
-            last_updated,
+            last_updated: row.get(2).map_err(StoreError::from)?,
             body,
-        })? {
+            compartment_size,
+            via_patient,
+        };
+        if !each(scanned)? {
             break;
         }
     }
@@ -134,15 +243,7 @@ impl ScanSource for SqliteStore {
         each: &mut dyn FnMut(ScanRow<'_>) -> std::io::Result<bool>,
     ) -> Result<(), ScanError> {
         let conn = self.inner.take_reader()?;
-        let result = scan(
-            &conn,
-            &unit.resource_type,
-            unit.kind,
-            unit.seq_after,
-            unit.seq_upto,
-            unit.snapshot_seq,
-            each,
-        );
+        let result = scan(&conn, unit, each);
         self.inner.return_reader(conn);
         result
     }
@@ -179,6 +280,29 @@ impl JobStore for SqliteStore {
                 .query_row(params![resource_type, after, upto], |row| {
                     Ok((row.get::<_, i64>(0)? as u64, row.get(1)?, row.get(2)?))
                 })?)
+        })
+        .await
+    }
+
+    async fn compartment_rows(
+        &self,
+        patients: &[String],
+        after: Seq,
+        upto: Seq,
+    ) -> Result<u64, StoreError> {
+        let keys: Vec<i64> = patients
+            .iter()
+            .map(|p| super::resource_key("Patient", p))
+            .collect();
+        self.with_reader(move |conn| {
+            let mut count = conn.prepare_cached(
+                "SELECT COUNT(*) FROM compartment_member WHERE patient_key = ?1 AND seq > ?2 AND seq <= ?3",
+            )?;
+            let mut total = 0u64;
+            for key in keys {
+                total += count.query_row(params![key, after, upto], |row| row.get::<_, i64>(0))? as u64;
+            }
+            Ok(total)
         })
         .await
     }
@@ -226,17 +350,25 @@ impl JobStore for SqliteStore {
                     ],
                 )?;
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO export_unit (job_id, unit_no, res_type, kind, seq_after, seq_upto)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO export_unit (job_id, unit_no, res_type, kind, seq_after, seq_upto, scope, patients)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
                 for (unit_no, unit) in job.units.iter().enumerate() {
+                    let patients = match &unit.scope {
+                        UnitScope::Patients(ids) => Some(
+                            serde_json::to_string(ids).map_err(|e| StoreError::Internal(e.to_string()))?,
+                        ),
+                        _ => None,
+                    };
                     insert.execute(params![
                         job.id,
                         unit_no as i64,
                         unit.resource_type,
                         unit.kind.as_str(),
                         unit.seq_after,
-                        unit.seq_upto
+                        unit.seq_upto,
+                        unit.scope.as_str(),
+                        patients
                     ])?;
                 }
                 drop(insert);
@@ -331,19 +463,34 @@ impl JobStore for SqliteStore {
                 let found = tx
                     .prepare_cached(
                         "SELECT u.job_id, u.unit_no, u.res_type, u.kind, u.seq_after, u.seq_upto,
-                                j.snapshot_seq, j.request, u.attempt
+                                j.snapshot_seq, j.request, u.attempt, u.scope, u.patients
                          FROM export_unit u JOIN export_job j ON j.id = u.job_id
                          WHERE u.status <> 'done' AND j.status IN ('queued', 'running')
                            AND (u.status = 'pending' OR u.lease_until < ?1)
+                           AND (u.kind <> 'provenance' OR NOT EXISTS (
+                                SELECT 1 FROM export_unit o
+                                WHERE o.job_id = u.job_id AND o.kind <> 'provenance' AND o.status <> 'done'))
                          ORDER BY j.created_at, u.unit_no LIMIT 1",
                     )?
                     .query_row([now], |row| {
                         let kind: String = row.get(3)?;
+                        let scope: String = row.get(9)?;
+                        let patients: Option<String> = row.get(10)?;
+                        let scope = match scope.as_str() {
+                            "compartment" => UnitScope::Compartment,
+                            "patients" => UnitScope::Patients(
+                                patients
+                                    .and_then(|p| serde_json::from_str(&p).ok())
+                                    .unwrap_or_default(),
+                            ),
+                            _ => UnitScope::All,
+                        };
                         Ok(ClaimedUnit {
                             job_id: row.get(0)?,
                             unit_no: row.get(1)?,
                             resource_type: row.get(2)?,
                             kind: UnitKind::parse(&kind).unwrap_or(UnitKind::Output),
+                            scope,
                             seq_after: row.get(4)?,
                             seq_upto: row.get(5)?,
                             snapshot_seq: row.get(6)?,

@@ -4,6 +4,7 @@
 //! `lastUpdated` values are handed out in commit order without locks. Readers take a connection
 //! from a small pool on tokio's blocking threads; SQLite work never runs on the async workers.
 
+mod clients;
 mod jobs;
 mod read;
 mod schema;

@@ -145,6 +145,10 @@ pub(crate) fn search(conn: &Connection, query: &SearchQuery) -> Result<SearchPag
         conditions.push(')');
     }
 
+    if let Some(filter) = &query.filter {
+        return filtered_search(&tx, query, filter, &conditions, values, filter_low);
+    }
+
     let total = if query.total {
         let mut count_values = values.clone();
         count_values[1] = Value::Integer(filter_low);
@@ -178,6 +182,53 @@ pub(crate) fn search(conn: &Connection, query: &SearchQuery) -> Result<SearchPag
     Ok(SearchPage {
         resources,
         total,
+        next_after_seq,
+    })
+}
+
+/// Search with parameters the SQL indexes do not cover: the type's current resources are read in
+/// change-sequence order and tested by the search engine, so paging stays keyset.
+fn filtered_search(
+    tx: &Connection,
+    query: &SearchQuery,
+    filter: &hearth_fhir::search::Filter,
+    conditions: &str,
+    mut values: Vec<Value>,
+    filter_low: Seq,
+) -> Result<SearchPage, StoreError> {
+    // With a total the scan starts at the window's beginning and counts every match; the page
+    // is the matches after the cursor.
+    let cursor = query.after_seq;
+    if query.total {
+        values[1] = Value::Integer(filter_low);
+    }
+    let sql = format!("SELECT {COLUMNS} FROM resource_version WHERE {conditions} ORDER BY seq");
+    let mut stmt = tx.prepare(&sql)?;
+    let mut rows = stmt.query(params_from_iter(values))?;
+    let mut resources = Vec::new();
+    let mut next_after_seq = None;
+    let mut total = 0u64;
+    while let Some(row) = rows.next()? {
+        let body = row.get_ref(6)?.as_blob().map_err(rusqlite::Error::from)?;
+        if !filter.matches_bytes(body) {
+            continue;
+        }
+        total += 1;
+        let seq: Seq = row.get(4)?;
+        if seq > cursor && query.count > 0 {
+            if resources.len() < query.count {
+                resources.push(stored_version(row)?);
+            } else if next_after_seq.is_none() {
+                next_after_seq = resources.last().map(|r: &StoredVersion| r.seq);
+                if !query.total {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(SearchPage {
+        resources,
+        total: query.total.then_some(total),
         next_after_seq,
     })
 }

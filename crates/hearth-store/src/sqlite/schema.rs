@@ -25,6 +25,9 @@ const MIGRATIONS: &[&str] = &[
         -- "Visible at snapshot S" is: seq <= S AND (superseded_by IS NULL OR superseded_by > S).
         superseded_by INTEGER,
         deleted       INTEGER NOT NULL,
+        -- How many patients' compartments hold this version (a tombstone keeps its last
+        -- version's): 0 leaves it out of Patient exports; above 1 asks for de-duplication.
+        compartment_size INTEGER NOT NULL DEFAULT 0,
         -- Hash of the content without server-set meta fields, to skip no-op updates.
         content_hash  BLOB    NOT NULL,
         -- Compact JSON exactly as exported; empty for tombstones.
@@ -71,6 +74,10 @@ const MIGRATIONS: &[&str] = &[
         kind        TEXT    NOT NULL,
         seq_after   INTEGER NOT NULL,
         seq_upto    INTEGER NOT NULL,
+        -- all | compartment | patients (see UnitScope)
+        scope       TEXT    NOT NULL DEFAULT 'all',
+        -- For the patients scope: a JSON array of the patient ids the unit covers.
+        patients    TEXT,
         -- pending | running | done
         status      TEXT    NOT NULL DEFAULT 'pending',
         lease_owner TEXT,
@@ -94,6 +101,32 @@ const MIGRATIONS: &[&str] = &[
         bytes    INTEGER NOT NULL
     );
     CREATE INDEX export_file_by_job ON export_file (job_id, res_type, unit_no, part);
+    "#,
+    // 3: the authorization server: registered clients, used assertion ids, the token secret.
+    r#"
+    -- SMART Backend Services clients (`hearth clients add`). Exactly one of jwks_url and jwks
+    -- is set; scope is the most the client may be granted (NULL: any read scope).
+    CREATE TABLE auth_client (
+        id         TEXT PRIMARY KEY,
+        jwks_url   TEXT,
+        jwks       TEXT,
+        scope      TEXT,
+        created_at INTEGER NOT NULL
+    );
+
+    -- Assertion ids already used, kept until the assertion expires: a replay is refused.
+    CREATE TABLE auth_jti (
+        client_id  TEXT    NOT NULL,
+        jti        TEXT    NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (client_id, jti)
+    ) WITHOUT ROWID;
+
+    -- The HMAC secret of Hearth's own access tokens, shared by every process on this store.
+    CREATE TABLE auth_secret (
+        name   TEXT PRIMARY KEY,
+        secret BLOB NOT NULL
+    );
     "#,
 ];
 

@@ -4,6 +4,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, bounded};
+use hearth_fhir::envelope::compartment_of_body;
 use hearth_fhir::instant::{Micros, now_micros};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
@@ -292,8 +293,8 @@ fn apply_one(
             let body = resource.render(version, last_updated);
             tx.prepare_cached(
                 "INSERT INTO resource_version
-                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body, id_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 0, ?6, ?7, ?8)",
+                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body, id_key, compartment_size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 0, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 seq,
@@ -303,7 +304,8 @@ fn apply_one(
                 last_updated,
                 &hash[..],
                 body,
-                resource_key(resource.resource_type, &resource.id)
+                resource_key(resource.resource_type, &resource.id),
+                resource.compartment.len() as i64
             ])?;
             if let Some(c) = &current {
                 supersede(tx, c.seq, seq)?;
@@ -348,12 +350,25 @@ fn apply_one(
             };
             let (seq, last_updated) = clock.tick();
             let version = live.version + 1;
+            // A tombstone stays in the compartments of the version it ends, so Patient and
+            // Group exports can list the deletion.
+            let members_before: Vec<String> = {
+                let body: Vec<u8> = tx
+                    .prepare_cached("SELECT body FROM resource_version WHERE seq = ?1")?
+                    .query_row([live.seq], |row| row.get(0))?;
+                compartment_of_body(resource_type, &body)
+            };
+            members.extend(
+                members_before
+                    .iter()
+                    .map(|patient| (resource_key("Patient", patient), seq)),
+            );
             tx.prepare_cached(
                 "INSERT INTO resource_version
-                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body, id_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 1, x'', x'', ?6)",
+                 (seq, res_type, res_id, version, last_updated, superseded_by, deleted, content_hash, body, id_key, compartment_size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, 1, x'', x'', ?6, ?7)",
             )?
-            .execute(params![seq, resource_type, id, version as i64, last_updated, resource_key(resource_type, &id)])?;
+            .execute(params![seq, resource_type, id, version as i64, last_updated, resource_key(resource_type, &id), members_before.len() as i64])?;
             supersede(tx, live.seq, seq)?;
             Ok(Ok(Written {
                 resource_type,

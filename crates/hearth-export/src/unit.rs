@@ -1,0 +1,305 @@
+//! What a worker does with each row of a unit: choose (de-duplicate, filter), shape
+//! (`_elements`), and route it to the file of its type.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use hearth_fhir::envelope::{compartment_of_body, subset_elements};
+use hearth_fhir::instant::{Micros, write_instant};
+use hearth_fhir::search::Filter;
+use hearth_store::jobs::{ClaimedUnit, ScanRow, UnitKind, UnitScope};
+use hearth_store::sqlite::resource_key;
+use serde::Deserialize;
+
+use crate::files::{RollingWriter, WrittenFile};
+use crate::request::ExportRequest;
+
+/// Row-level decisions for one unit, derived from the job's request.
+pub struct RowPolicy<'a> {
+    request: &'a ExportRequest,
+    /// Keys of the job's patients (Group and `patient` exports), built when first needed.
+    job_patients: Option<HashSet<i64>>,
+    /// For a Provenance unit: the keys of every resource the job exported, sorted.
+    exported: Option<Vec<i64>>,
+    /// `_typeFilter`: per type, the filters of which a resource must match one.
+    type_filters: std::collections::HashMap<&'static str, Vec<Filter>>,
+}
+
+impl<'a> RowPolicy<'a> {
+    pub fn new(request: &'a ExportRequest) -> Self {
+        let mut type_filters: std::collections::HashMap<&'static str, Vec<Filter>> =
+            std::collections::HashMap::new();
+        for query in &request.type_filters {
+            // Checked at kick-off; a query that no longer parses selects nothing rather than
+            // everything.
+            match Filter::parse_type_filter(query) {
+                Ok((resource_type, filter)) => {
+                    type_filters.entry(resource_type).or_default().push(filter)
+                }
+                Err(_) => {
+                    if let Some((type_name, _)) = query.split_once('?')
+                        && let Some(resource_type) =
+                            hearth_fhir::resource_type::canonical_resource_type(type_name)
+                    {
+                        type_filters.entry(resource_type).or_default();
+                    }
+                }
+            }
+        }
+        Self {
+            request,
+            job_patients: None,
+            exported: None,
+            type_filters,
+        }
+    }
+
+    /// Whether the row belongs in the output of this unit.
+    pub fn keep(&mut self, unit: &ClaimedUnit, row: &ScanRow<'_>) -> bool {
+        if let UnitScope::Patients(_) = unit.scope
+            && row.compartment_size > 1
+            && !self.is_first_route(row)
+        {
+            return false;
+        }
+        if unit.kind != UnitKind::Deleted
+            && let Some(filters) = self.type_filters.get(row.resource_type)
+            && !filters.iter().any(|f| f.matches_bytes(row.body))
+        {
+            return false;
+        }
+        if unit.kind == UnitKind::Provenance {
+            return self
+                .exported
+                .as_ref()
+                .is_some_and(|exported| provenance_targets_any(row.body, exported));
+        }
+        true
+    }
+
+    /// A resource in the compartments of several of the job's patients is found once per
+    /// patient, possibly in different units: only the route through the smallest patient key
+    /// writes it, so it is exported exactly once.
+    fn is_first_route(&mut self, row: &ScanRow<'_>) -> bool {
+        let job = self.job_patients.get_or_insert_with(|| {
+            self.request
+                .resolved_patients
+                .iter()
+                .map(|p| resource_key("Patient", p))
+                .collect()
+        });
+        // (For a tombstone the store passes the body of the version it ended.)
+        let smallest = compartment_of_body(row.resource_type, row.body)
+            .iter()
+            .map(|p| resource_key("Patient", p))
+            .filter(|key| job.contains(key))
+            .min();
+        smallest.is_none_or(|key| key == row.via_patient)
+    }
+
+    /// The bytes to write: trimmed by `_elements`, or the stored bytes unchanged.
+    pub fn shape<'b>(&self, resource_type: &str, body: &'b [u8]) -> std::borrow::Cow<'b, [u8]> {
+        if self.request.elements.is_empty() {
+            return std::borrow::Cow::Borrowed(body);
+        }
+        let applies = self.request.elements.iter().any(|e| {
+            e.resource_type
+                .as_deref()
+                .is_none_or(|t| t == resource_type)
+        });
+        if !applies {
+            return std::borrow::Cow::Borrowed(body);
+        }
+        let keep = |element: &str| {
+            self.request.elements.iter().any(|e| {
+                e.resource_type
+                    .as_deref()
+                    .is_none_or(|t| t == resource_type)
+                    && (e.element == element || e.element.strip_suffix("[x]") == Some(element))
+            })
+        };
+        match subset_elements(resource_type, body, &keep) {
+            Some(trimmed) => std::borrow::Cow::Owned(trimmed),
+            None => std::borrow::Cow::Borrowed(body),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ProvenanceTargets {
+    #[serde(default)]
+    target: Vec<TargetReference>,
+}
+
+#[derive(Deserialize)]
+struct TargetReference {
+    reference: Option<String>,
+}
+
+fn provenance_targets_any(body: &[u8], exported: &[i64]) -> bool {
+    let Ok(parsed) = serde_json::from_slice::<ProvenanceTargets>(body) else {
+        return false;
+    };
+    parsed
+        .target
+        .iter()
+        .filter_map(|t| t.reference.as_deref())
+        .any(|reference| {
+            let mut segments = reference.rsplit('/');
+            let (Some(id), Some(target_type)) = (segments.next(), segments.next()) else {
+                return false;
+            };
+            exported
+                .binary_search(&resource_key(target_type, id))
+                .is_ok()
+        })
+}
+
+impl RowPolicy<'_> {
+    /// Prepares a Provenance unit from the key files the job's output units left (see
+    /// [`UnitFiles::record`]).
+    pub fn load_exported(&mut self, key_files: &[std::path::PathBuf]) -> std::io::Result<()> {
+        use std::io::Read;
+        let mut keys = Vec::new();
+        for path in key_files {
+            let mut reader = std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path)?);
+            let mut key = [0u8; 8];
+            loop {
+                match reader.read_exact(&mut key) {
+                    Ok(()) => keys.push(i64::from_le_bytes(key)),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        self.exported = Some(keys);
+        Ok(())
+    }
+}
+
+/// The files of one unit: one rolling writer per resource type (or one for deletions).
+pub struct UnitFiles<'d> {
+    dir: &'d Path,
+    prefix: String,
+    max_bytes: u64,
+    writers: BTreeMap<String, RollingWriter>,
+    /// The keys of the resources written, when the job later picks Provenance by target:
+    /// 8 bytes a resource beside the NDJSON, so that step never re-reads the output.
+    keys: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+/// The sidecar file of a unit attempt's written resource keys (little-endian `i64`s).
+pub fn keys_file_name(unit_no: i64, attempt: i64) -> String {
+    format!("u{unit_no}-a{attempt}.keys")
+}
+
+impl<'d> UnitFiles<'d> {
+    pub fn new(
+        dir: &'d Path,
+        unit: &ClaimedUnit,
+        max_bytes: u64,
+        record_keys: bool,
+    ) -> std::io::Result<Self> {
+        let keys = if record_keys {
+            let file = std::fs::File::create(dir.join(keys_file_name(unit.unit_no, unit.attempt)))?;
+            Some(std::io::BufWriter::with_capacity(1 << 16, file))
+        } else {
+            None
+        };
+        Ok(Self {
+            dir,
+            prefix: format!("u{}-a{}", unit.unit_no, unit.attempt),
+            max_bytes,
+            writers: BTreeMap::new(),
+            keys,
+        })
+    }
+
+    /// Notes that the resource `resource_type/id` was written.
+    pub fn record(&mut self, resource_type: &str, id: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        match self.keys.as_mut() {
+            Some(keys) => keys.write_all(&resource_key(resource_type, id).to_le_bytes()),
+            None => Ok(()),
+        }
+    }
+
+    /// Appends a line to the file of `group` (a resource type, or `Bundle` for deletions).
+    pub fn write(&mut self, group: &str, line: &[u8]) -> std::io::Result<()> {
+        if !self.writers.contains_key(group) {
+            let writer =
+                RollingWriter::new(self.dir, format!("{}-{group}", self.prefix), self.max_bytes);
+            self.writers.insert(group.to_owned(), writer);
+        }
+        match self.writers.get_mut(group) {
+            Some(writer) => writer.write_line(line),
+            None => Ok(()),
+        }
+    }
+
+    /// Every file written, with the group it belongs to.
+    pub fn finish(self) -> std::io::Result<Vec<(String, WrittenFile)>> {
+        if let Some(keys) = self.keys {
+            keys.into_inner().map_err(|e| e.into_error())?;
+        }
+        let mut files = Vec::new();
+        for (group, writer) in self.writers {
+            files.extend(writer.finish()?.into_iter().map(|f| (group.clone(), f)));
+        }
+        Ok(files)
+    }
+
+    pub fn discard(self) {
+        drop(self.keys);
+        for writer in self.writers.into_values() {
+            writer.discard();
+        }
+    }
+}
+
+/// A `deleted` line: a transaction Bundle with one DELETE entry.
+pub fn deletion_bundle(resource_type: &str, id: &str, deleted_at: Micros, out: &mut Vec<u8>) {
+    let mut text = String::with_capacity(160);
+    text.push_str(r#"{"resourceType":"Bundle","type":"transaction","meta":{"lastUpdated":""#);
+    write_instant(deleted_at, &mut text);
+    text.push_str(r#""},"entry":[{"request":{"method":"DELETE","url":""#);
+    // Types and ids are plain FHIR tokens: nothing to escape.
+    text.push_str(resource_type);
+    text.push('/');
+    text.push_str(id);
+    text.push_str(r#""}}]}"#);
+    out.clear();
+    out.extend_from_slice(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deletion_lines_are_transaction_bundles() {
+        let mut line = Vec::new();
+        deletion_bundle("Patient", "p-1", 0, &mut line);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["type"], "transaction");
+        assert_eq!(value["entry"][0]["request"]["method"], "DELETE");
+        assert_eq!(value["entry"][0]["request"]["url"], "Patient/p-1");
+    }
+
+    #[test]
+    fn provenance_relevance_reads_target_references() {
+        let body = br#"{"resourceType":"Provenance","target":[{"reference":"Encounter/1"},{"reference":"http://x/fhir/Observation/2"}]}"#;
+        let mut exported = vec![
+            resource_key("Observation", "2"),
+            resource_key("Patient", "9"),
+        ];
+        exported.sort_unstable();
+        assert!(provenance_targets_any(body, &exported));
+        assert!(!provenance_targets_any(
+            body,
+            &[resource_key("Observation", "3")]
+        ));
+    }
+}
