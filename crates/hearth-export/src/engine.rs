@@ -573,7 +573,8 @@ impl Inner {
             // One key file per committed unit attempt, named after its output files.
             let mut key_files: Vec<PathBuf> = files
                 .iter()
-                .filter(|f| f.kind == "output")
+                // Provenance units write the only Provenance of such a job, and no key files.
+                .filter(|f| f.kind == "output" && f.resource_type != "Provenance")
                 .filter_map(|f| {
                     let name = f.path.rsplit('/').next()?;
                     let mut parts = name.split('-');

@@ -19,6 +19,9 @@ pub struct RowPolicy<'a> {
     request: &'a ExportRequest,
     /// Keys of the job's patients (Group and `patient` exports), built when first needed.
     job_patients: Option<HashSet<i64>>,
+    /// Rows in several compartments seen in this unit, by seq: the patient key of the route
+    /// that writes them.
+    first_routes: std::collections::HashMap<hearth_store::Seq, Option<i64>>,
     /// For a Provenance unit: the keys of every resource the job exported, sorted.
     exported: Option<Vec<i64>>,
     /// `_typeFilter`: per type, the filters of which a resource must match one.
@@ -49,6 +52,7 @@ impl<'a> RowPolicy<'a> {
         Self {
             request,
             job_patients: None,
+            first_routes: std::collections::HashMap::new(),
             exported: None,
             type_filters,
         }
@@ -88,12 +92,16 @@ impl<'a> RowPolicy<'a> {
                 .map(|p| resource_key("Patient", p))
                 .collect()
         });
-        // (For a tombstone the store passes the body of the version it ended.)
-        let smallest = compartment_of_body(row.resource_type, row.body)
-            .iter()
-            .map(|p| resource_key("Patient", p))
-            .filter(|key| job.contains(key))
-            .min();
+        // A row in many compartments (a Group lists all its members) comes once per member:
+        // work its first route out once.
+        let smallest = *self.first_routes.entry(row.seq).or_insert_with(|| {
+            // (For a tombstone the store passes the body of the version it ended.)
+            compartment_of_body(row.resource_type, row.body)
+                .iter()
+                .map(|p| resource_key("Patient", p))
+                .filter(|key| job.contains(key))
+                .min()
+        });
         smallest.is_none_or(|key| key == row.via_patient)
     }
 

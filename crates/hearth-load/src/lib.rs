@@ -65,7 +65,7 @@ impl Default for BatchLimits {
     fn default() -> Self {
         Self {
             resources: 2_000,
-            bytes: 64 * 1024 * 1024,
+            bytes: 8 * 1024 * 1024,
         }
     }
 }

@@ -1970,3 +1970,33 @@ async fn metadata_lists_patient_and_group_export_under_both_names_and_the_search
         }
     }
 }
+
+/// Provenance chosen by target is split into several units like any type; each must read only
+/// the key files of the units that exported the targets (a Provenance unit leaves none).
+#[tokio::test]
+async fn provenance_by_target_spread_over_several_units_is_exported_once() {
+    let server = spawn_server_with_options(ServerOptions {
+        synthea: true,
+        export: hearth_server::ExportSettings {
+            workers: 2,
+            rows_per_unit: 2,
+            ..ServerOptions::default().export
+        },
+        ..ServerOptions::default()
+    })
+    .await;
+    let observation = store_provenance(&server).await;
+    for extra in 0..6 {
+        server
+            .upsert(&provenance(
+                &format!("prov-extra-{extra}"),
+                &[&format!("Observation/{observation}")],
+            ))
+            .await;
+    }
+    let export = run(&server, "/Patient/$export", None).await;
+    let mut expected = set(&["prov-patient", "prov-observation"]);
+    expected.extend((0..6).map(|extra| format!("prov-extra-{extra}")));
+    assert_eq!(export.ids_of("Provenance"), expected);
+    assert!(export.errors.is_empty(), "{:?}", export.errors);
+}
