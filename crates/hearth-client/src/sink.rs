@@ -27,7 +27,7 @@ use crate::manifest::PlannedFile;
 use crate::progress::Progress;
 
 /// Decoded bytes collected before a write: large writes, yet small enough to stay in cache.
-const OUTPUT_BUFFER: usize = 256 * 1024;
+const OUTPUT_BUFFER: usize = 64 * 1024;
 /// The gzip magic number, which starts every member.
 const GZIP_MAGIC: u8 = 0x1f;
 

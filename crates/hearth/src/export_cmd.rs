@@ -159,11 +159,11 @@ fn setup(args: &ExportArgs) -> Result<(BulkClient, ExportJob), hearth_client::Er
     };
     let client = BulkClient::new(&args.base_url, options)?;
     let mut request = ExportRequest::new(args.level.clone());
-    request.types = args.types.iter().map(|t| t.trim().to_owned()).collect();
+    request.types = trimmed(&args.types);
     request.since = args.since.clone();
-    request.type_filters = args.type_filters.clone();
-    request.elements = args.elements.iter().map(|e| e.trim().to_owned()).collect();
-    request.patients = args.patients.iter().map(|p| p.trim().to_owned()).collect();
+    request.type_filters = trimmed(&args.type_filters);
+    request.elements = trimmed(&args.elements);
+    request.patients = trimmed(&args.patients);
     request.output_format = args.output_format.clone();
     request.validate()?;
     let job = ExportJob {
@@ -174,6 +174,17 @@ fn setup(args: &ExportArgs) -> Result<(BulkClient, ExportJob), hearth_client::Er
         release: !args.detach,
     };
     Ok((client, job))
+}
+
+/// List values without surrounding blanks, and without the empty ones `a,,b` or a trailing
+/// comma would give.
+fn trimmed(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// One line on stderr (and the JSON status on stdout with --json); exit status 1.

@@ -29,12 +29,14 @@ const CLIENT_ID: &str = "bulk-client-1";
 const TOKEN_SECONDS: u64 = 2;
 
 /// A generated key pair: the PEM the client reads, and what the server verifies with.
-struct TestKey {
-    pem: String,
+pub struct TestKey {
+    pub pem: String,
     algorithm: Algorithm,
     decoding: DecodingKey,
     /// The RFC 7638 thumbprint, computed here independently of the client.
-    thumbprint: String,
+    pub thumbprint: String,
+    /// The public key as a JWK with the thumbprint as `kid`, for registering the client.
+    pub jwk: Value,
 }
 
 fn pem(der: &[u8]) -> String {
@@ -57,19 +59,22 @@ fn sha256_b64(text: &str) -> String {
     ))
 }
 
-fn ec_key() -> TestKey {
+pub fn ec_key() -> TestKey {
     let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).unwrap();
     let pkcs8 = pair.to_pkcs8v1().unwrap();
     let point = pair.public_key().as_ref();
     let (x, y) = point[1..].split_at(48);
     let (x, y) = (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y));
+    let thumbprint = sha256_b64(&format!(
+        r#"{{"crv":"P-384","kty":"EC","x":"{x}","y":"{y}"}}"#
+    ));
     TestKey {
         pem: pem(pkcs8.as_ref()),
         algorithm: Algorithm::ES384,
         decoding: DecodingKey::from_ec_components(&x, &y).unwrap(),
-        thumbprint: sha256_b64(&format!(
-            r#"{{"crv":"P-384","kty":"EC","x":"{x}","y":"{y}"}}"#
-        )),
+        thumbprint: thumbprint.clone(),
+        jwk: json!({"kty": "EC", "crv": "P-384", "alg": "ES384", "use": "sig",
+            "kid": thumbprint, "x": x, "y": y}),
     }
 }
 
@@ -81,11 +86,13 @@ fn rsa_key() -> TestKey {
         URL_SAFE_NO_PAD.encode(&public.n),
         URL_SAFE_NO_PAD.encode(&public.e),
     );
+    let thumbprint = sha256_b64(&format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#));
     TestKey {
         pem: pem(der.as_ref()),
         algorithm: Algorithm::RS384,
         decoding: DecodingKey::from_rsa_components(&n, &e).unwrap(),
-        thumbprint: sha256_b64(&format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#)),
+        thumbprint: thumbprint.clone(),
+        jwk: json!({"kty": "RSA", "alg": "RS384", "use": "sig", "kid": thumbprint, "n": n, "e": e}),
     }
 }
 

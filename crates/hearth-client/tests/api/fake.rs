@@ -1,6 +1,6 @@
-//! Against small fake servers, for what Hearth does not do (or not on demand): `429` and `5xx`
-//! answers, Patient/Group kick-offs with `patient`, `_typeFilter` and `_elements`, a server
-//! that takes only POST, a failed job, a short file.
+//! Against small fake servers, for what Hearth does not do on demand and for exact wire forms:
+//! `429` and `5xx` answers, the Parameters body of a Group kick-off with `patient`,
+//! `_typeFilter` and `_elements`, a server that takes only POST, a failed job, a short file.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};

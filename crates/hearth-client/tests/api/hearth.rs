@@ -1,5 +1,6 @@
-//! Against a real Hearth: a full export, and incremental exports that pick up changes and
-//! deletions.
+//! Against a real Hearth: a full export, incremental exports that pick up changes and
+//! deletions, a refused kick-off, a cancelled job, a Patient-level export with `patient`,
+//! `_typeFilter` and `_elements`, and SMART Backend Services with Hearth's own token endpoint.
 
 use std::collections::BTreeSet;
 
@@ -240,4 +241,111 @@ async fn a_cancelled_job_is_gone_and_waiting_for_it_says_so() {
         matches!(error, Error::JobGone { status: 404, .. }),
         "{error:?}"
     );
+}
+
+/// SMART Backend Services with Hearth as the authorization server: the client registered with
+/// its public key, the token URL discovered, tokens that live one second (so the export
+/// outlives several), and files that need a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_services_against_hearths_own_authorization_server() {
+    use hearth_client::ClientOptions;
+    use hearth_client::auth::{BackendServices, Credentials, SigningKey};
+    use hearth_store::clients::{ClientRecord, ClientStore};
+
+    let mut auth = hearth_server::AuthSettings::smart();
+    auth.token_lifetime = std::time::Duration::from_secs(1);
+    let hearth = start_hearth_with(None, auth).await;
+    let key = crate::auth::ec_key();
+    hearth
+        .store
+        .put_client(ClientRecord {
+            id: "bulk-client".into(),
+            jwks_url: None,
+            jwks: Some(json!({"keys": [key.jwk]}).to_string()),
+            scope: None,
+            created_at: 0,
+        })
+        .await
+        .expect("the client is registered");
+    let options = ClientOptions {
+        credentials: Credentials::BackendServices(BackendServices {
+            client_id: "bulk-client".into(),
+            key: SigningKey::from_pem(key.pem.as_bytes(), None).unwrap(),
+            token_url: None,
+            scope: "system/*.read".into(),
+        }),
+        ..fast_options()
+    };
+    let client = BulkClient::new(&hearth.base, options).unwrap();
+    let out = TempDir::new().unwrap();
+    let mut job = system_job(out.path());
+    job.release = false;
+
+    let summary = bounded(export::run(&client, &job, Recorder::new()))
+        .await
+        .expect("the authorized export succeeds");
+
+    assert_eq!(summary.resources, SYNTHEA_RESOURCES);
+    let manifest =
+        Manifest::parse(&std::fs::read(out.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+    assert!(manifest.requires_access_token);
+    // Authorization was on: without a token the job and its files are refused.
+    assert_eq!(hearth.status_of(&summary.status_url).await, 401);
+    assert_eq!(hearth.status_of(&summary.files[0].url).await, 401);
+}
+
+/// Patient level with `patient` (a POST kick-off), `_typeFilter` and `_elements`, now that
+/// Hearth answers them: exactly the chosen patient, only matching Observations, trimmed and
+/// tagged SUBSETTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_level_with_patient_type_filter_and_elements() {
+    let hearth = hearth_with_synthea().await;
+    let out = TempDir::new().unwrap();
+    let client = BulkClient::new(&hearth.base, fast_options()).unwrap();
+    let patient_id = synthea_ids("Patient").into_iter().next().unwrap();
+    let mut job = system_job(out.path());
+    job.request.level = Level::Patient;
+    job.request.patients = vec![patient_id.clone()];
+    job.request.types = vec!["Patient".into(), "Observation".into()];
+    job.request.type_filters = vec!["Observation?status=final".into()];
+    job.request.elements = vec!["id".into(), "Observation.status".into()];
+
+    let summary = bounded(export::run(&client, &job, Recorder::new()))
+        .await
+        .expect("the patient export succeeds");
+
+    let patients = lines(&out.path().join("Patient.1.ndjson"));
+    assert_eq!(patients.len(), 1);
+    assert_eq!(id_of_line(&patients[0]), patient_id);
+    let observations = lines(&out.path().join("Observation.1.ndjson"));
+    // Exactly that patient's final Observations from the data set.
+    let expected: BTreeSet<String> = synthea_lines("Observation")
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|o| {
+            o["status"] == "final"
+                && o["subject"]["reference"]
+                    .as_str()
+                    .is_some_and(|r| r.ends_with(&patient_id))
+        })
+        .map(|o| o["id"].as_str().unwrap().to_owned())
+        .collect();
+    let got: BTreeSet<String> = observations.iter().map(|l| id_of_line(l)).collect();
+    assert!(!expected.is_empty());
+    assert_eq!(got, expected);
+    assert_eq!(summary.resources, 1 + observations.len() as u64);
+    for line in &observations {
+        let observation: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(observation["status"], "final");
+        // Elements not asked for are gone; mandatory ones (code) stay, as the IG says.
+        for trimmed in ["subject", "encounter", "effectiveDateTime", "valueQuantity"] {
+            assert!(observation.get(trimmed).is_none(), "{trimmed} in {line}");
+        }
+        assert!(observation.get("code").is_some());
+        let tags = observation["meta"]["tag"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(tags.iter().any(|t| t["code"] == "SUBSETTED"), "{line}");
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hearth_client::{ClientOptions, PlannedFile, PollUpdate, Progress, RetryPolicy, SavedFile};
 use hearth_load::{BatchLimits, LoadObserver, Rejection, Target};
-use hearth_server::{Embedded, ExportSettings, ServerConfig};
+use hearth_server::{AuthSettings, Embedded, ExportSettings, ServerConfig};
 use hearth_store::SqliteStore;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -27,6 +27,7 @@ pub struct Hearth {
     /// Where the server really listens, e.g. `127.0.0.1:41234`.
     pub addr: std::net::SocketAddr,
     pub http: reqwest::Client,
+    pub store: Arc<SqliteStore>,
     embedded: Arc<Embedded>,
     shutdown: Option<oneshot::Sender<()>>,
     _dir: TempDir,
@@ -63,6 +64,11 @@ pub async fn hearth_with_synthea() -> Hearth {
 
 /// Hearth over the Synthea set, handing out URLs under `advertised_base` (a proxy's).
 pub async fn start_hearth(advertised_base: Option<String>) -> Hearth {
+    start_hearth_with(advertised_base, AuthSettings::default()).await
+}
+
+/// Hearth over the Synthea set with authorization as `auth` says.
+pub async fn start_hearth_with(advertised_base: Option<String>, auth: AuthSettings) -> Hearth {
     let dir = TempDir::new().expect("temp dir");
     let store = Arc::new(SqliteStore::open(&dir.path().join("data")).expect("store opens"));
     let files = hearth_load::expand_paths(&[synthea_dir()]).expect("the test data is there");
@@ -78,8 +84,8 @@ pub async fn start_hearth(advertised_base: Option<String>) -> Hearth {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let base = advertised_base.unwrap_or_else(|| format!("http://{addr}/fhir"));
-    let embedded = Embedded::start(
-        store,
+    let embedded = Embedded::start_secured(
+        store.clone(),
         dir.path(),
         ServerConfig {
             base_url: base.clone(),
@@ -90,6 +96,7 @@ pub async fn start_hearth(advertised_base: Option<String>) -> Hearth {
             workers: 1,
             ..ExportSettings::default()
         },
+        &auth,
     )
     .await
     .expect("the embedded stack starts");
@@ -104,6 +111,7 @@ pub async fn start_hearth(advertised_base: Option<String>) -> Hearth {
     Hearth {
         base,
         addr,
+        store,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -172,6 +180,14 @@ pub fn synthea_dir() -> PathBuf {
 
 /// The ids in one of the Synthea set's gzip NDJSON files.
 pub fn synthea_ids(resource_type: &str) -> BTreeSet<String> {
+    synthea_lines(resource_type)
+        .iter()
+        .map(|line| id_of_line(line))
+        .collect()
+}
+
+/// The resources of one of the Synthea set's gzip NDJSON files, one JSON text each.
+pub fn synthea_lines(resource_type: &str) -> Vec<String> {
     let path = synthea_dir().join(format!("{resource_type}.ndjson.gz"));
     let file = std::fs::File::open(&path).expect("test data file");
     let reader = std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file));
@@ -179,7 +195,6 @@ pub fn synthea_ids(resource_type: &str) -> BTreeSet<String> {
         .lines()
         .map(|line| line.expect("a readable line"))
         .filter(|line| !line.trim().is_empty())
-        .map(|line| id_of_line(&line))
         .collect()
 }
 
