@@ -43,7 +43,12 @@ fuzz_target!(|data: &[u8]| {
         2 => {
             let _ = check_client_jwks(rest);
             if let Ok(keys) = parse_jwks(rest) {
-                for alg in [Algorithm::RS384, Algorithm::ES384, Algorithm::RS256, Algorithm::ES256] {
+                for alg in [
+                    Algorithm::RS384,
+                    Algorithm::ES384,
+                    Algorithm::RS256,
+                    Algorithm::ES256,
+                ] {
                     let _ = select_key(&keys, Some("k1"), alg);
                     let _ = select_key(&keys, None, alg);
                 }

@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(until > since, "_until not after _since was accepted");
     }
     let stored = serde_json::to_string(&request).expect("a request serialises");
-    let read_back: ExportRequest = serde_json::from_str(&stored).expect("a stored request reads back");
+    let read_back: ExportRequest =
+        serde_json::from_str(&stored).expect("a stored request reads back");
     assert_eq!(read_back, request);
 });
