@@ -73,74 +73,24 @@ pub async fn spawn_server() -> TestServer {
 
 /// A server that refuses request bodies larger than `max_body_bytes`.
 pub async fn spawn_server_with_limit(max_body_bytes: usize) -> TestServer {
-    let dir = TempDir::new().expect("temp dir");
-    let store = open_store(&dir);
-    spawn_on(dir, store, max_body_bytes).await
+    spawn_server_with_options(ServerOptions {
+        max_body_bytes,
+        ..ServerOptions::default()
+    })
+    .await
 }
 
 /// A server over the 10-patient Synthea set, loaded through `hearth_load` before it starts.
 pub async fn spawn_server_with_synthea() -> TestServer {
-    let dir = TempDir::new().expect("temp dir");
-    let store = open_store(&dir);
-    let files = hearth_load::expand_paths(&[synthea_dir()]).expect("the test data is there");
-    let mut observer = NoRejections;
-    let report = hearth_load::load(
-        files,
-        Target::Store(store.clone()),
-        BatchLimits::default(),
-        &mut observer,
-    )
+    spawn_server_with_options(ServerOptions {
+        synthea: true,
+        ..ServerOptions::default()
+    })
     .await
-    .expect("the test data loads");
-    assert_eq!(report.rejected, 0);
-    assert_eq!(report.loaded, 2523);
-    spawn_on(dir, store, DEFAULT_MAX_BODY).await
 }
 
 fn open_store(dir: &TempDir) -> Arc<SqliteStore> {
     Arc::new(SqliteStore::open(&dir.path().join("data")).expect("store opens"))
-}
-
-async fn spawn_on(dir: TempDir, store: Arc<SqliteStore>, max_body_bytes: usize) -> TestServer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let origin = format!("http://{addr}");
-    let base = format!("{origin}/fhir");
-    let Embedded { state, engine, .. } = Embedded::start(
-        store.clone(),
-        dir.path(),
-        ServerConfig {
-            base_url: base.clone(),
-            max_body_bytes,
-            lenient_headers: false,
-        },
-        ExportSettings {
-            workers: 1,
-            ..ExportSettings::default()
-        },
-    )
-    .await
-    .expect("the embedded stack starts");
-    let (shutdown, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = hearth_server::serve(listener, state, async move {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
-    TestServer {
-        base,
-        origin,
-        client,
-        store,
-        engine,
-        shutdown: Some(shutdown),
-        dir,
-    }
 }
 
 /// Where the 10-patient Synthea set lives.
@@ -427,6 +377,8 @@ pub struct ServerOptions {
     pub export: ExportSettings,
     /// Load the 10-patient Synthea set before the server starts.
     pub synthea: bool,
+    /// `ServerConfig::max_body_bytes`.
+    pub max_body_bytes: usize,
 }
 
 impl Default for ServerOptions {
@@ -438,6 +390,7 @@ impl Default for ServerOptions {
                 ..ExportSettings::default()
             },
             synthea: false,
+            max_body_bytes: DEFAULT_MAX_BODY,
         }
     }
 }
@@ -468,7 +421,7 @@ pub async fn spawn_server_with_options(options: ServerOptions) -> TestServer {
         dir.path(),
         ServerConfig {
             base_url: base.clone(),
-            max_body_bytes: DEFAULT_MAX_BODY,
+            max_body_bytes: options.max_body_bytes,
             lenient_headers: options.lenient_headers,
         },
         options.export,
