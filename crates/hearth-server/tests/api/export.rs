@@ -70,20 +70,8 @@ struct Export {
 /// Asserts a successful kick-off: `202`, no body, and `Content-Location` the absolute
 /// `<base>/$export-poll-status?_jobId=<uuid>`.
 async fn expect_accepted(server: &TestServer, response: Response) -> Export {
-    let status = response.status();
     let request_url = response.url().to_string();
-    let location = response
-        .headers()
-        .get("content-location")
-        .map(|v| v.to_str().expect("a text header").to_owned());
-    let body = response.text().await.expect("a readable body");
-    assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "kick-off {request_url} answered {status}: {body}"
-    );
-    assert!(body.is_empty(), "the kick-off answered a body: {body}");
-    let location = location.expect("a 202 kick-off has Content-Location");
+    let location = export_accepted(server, response).await;
     let prefix = format!("{}/$export-poll-status?_jobId=", server.base);
     let job_id = location
         .strip_prefix(&prefix)
