@@ -8,7 +8,7 @@ use hearth_fhir::envelope::{compartment_of_body, subset_elements};
 use hearth_fhir::instant::{Micros, write_instant};
 use hearth_fhir::search::Filter;
 use hearth_store::jobs::{ClaimedUnit, ScanRow, UnitKind, UnitScope};
-use hearth_store::sqlite::resource_key;
+use hearth_store::resource_key;
 use serde::Deserialize;
 
 use crate::files::{RollingWriter, WrittenFile};

@@ -5,6 +5,8 @@
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[from] sqlx::Error),
     #[error("cannot use the data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -14,6 +16,10 @@ pub enum StoreError {
         "the data directory was written by a newer Hearth (schema {found}, this build knows {known})"
     )]
     SchemaTooNew { found: i64, known: i64 },
+    #[error(
+        "unsupported database URL '{0}': use postgres://user@host:port/database, or no URL for the embedded store"
+    )]
+    UnsupportedDatabase(String),
     #[error("the store is closed")]
     Closed,
     #[error("entry {index} failed: {error}")]

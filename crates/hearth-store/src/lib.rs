@@ -6,6 +6,7 @@
 //! - [`jobs`]: durable export jobs, work units with leases, and their files.
 //! - [`clients`]: registered SMART clients, assertion replay cache, the token secret.
 //! - [`sqlite`]: the embedded backend (one writer thread, a pool of readers, WAL mode).
+//! - [`postgres`]: the scale-out backend (several Hearth processes on one database).
 //!
 //! Every write gets a **change sequence** number (`seq`) and a strictly increasing
 //! `lastUpdated` from the single writer, in the same transaction as the data. Every version is
@@ -17,6 +18,7 @@ pub mod clients;
 pub mod error;
 pub mod jobs;
 pub mod model;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -26,7 +28,40 @@ pub use error::{StoreError, WriteError};
 pub use model::{
     BatchMode, SearchPage, SearchQuery, Seq, StoredVersion, WriteKind, WriteOp, Written,
 };
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+
+/// The 64-bit key of a resource, `xxh3("type/id")`, that the id and compartment indexes use.
+/// Stable across versions of Hearth: it is stored.
+pub fn resource_key(resource_type: &str, id: &str) -> i64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(resource_type.as_bytes());
+    hasher.update(b"/");
+    hasher.update(id.as_bytes());
+    hasher.digest() as i64
+}
+
+/// Opens the store a command points at: the PostgreSQL database `database` names
+/// (`postgres://…`), or else the embedded SQLite store in `data_dir`. Must be called inside a
+/// tokio runtime.
+pub async fn open(
+    database: Option<&str>,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Backend>, StoreError> {
+    match database {
+        Some(url) if postgres::is_postgres_url(url) => {
+            Ok(std::sync::Arc::new(PgStore::connect(url).await?))
+        }
+        Some(other) => Err(StoreError::UnsupportedDatabase(other.to_owned())),
+        None => {
+            let dir = data_dir.to_owned();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                .await
+                .map_err(|e| StoreError::Internal(e.to_string()))??;
+            Ok(std::sync::Arc::new(store))
+        }
+    }
+}
 
 /// Everything a Hearth server needs from its storage.
 pub trait Backend: Store + jobs::JobStore + jobs::ScanSource + clients::ClientStore {}

@@ -21,19 +21,10 @@ use crate::Store;
 use crate::error::{StoreError, WriteError};
 use crate::model::{BatchMode, SearchPage, SearchQuery, Seq, StoredVersion, WriteOp, Written};
 
+pub use crate::resource_key;
 pub use jobs::scan;
 pub use schema::SCHEMA_VERSION;
 use writer::{Writer, WriterHandle};
-
-/// The 64-bit key of a resource, `xxh3("type/id")`, that the id and compartment indexes use.
-/// Stable across versions of Hearth: it is stored.
-pub fn resource_key(resource_type: &str, id: &str) -> i64 {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    hasher.update(resource_type.as_bytes());
-    hasher.update(b"/");
-    hasher.update(id.as_bytes());
-    hasher.digest() as i64
-}
 
 /// The file name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "hearth.db";
