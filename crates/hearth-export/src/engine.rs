@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use tokio::runtime::Handle;
 
 use crate::files::RollingWriter;
 use crate::manifest;
+use crate::output::{Output, OutputError, RemoteFile};
 use crate::planner::provenance_by_target;
 use crate::planner::{PlanError, plan};
 use crate::request::{ExportRequest, ParameterError};
@@ -26,8 +27,11 @@ use crate::unit::{RowPolicy, UnitFiles, deletion_bundle, keys_file_name};
 /// How the engine runs.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Export files live under this directory, one sub-directory per job.
+    /// Export files live under this directory, one sub-directory per job (with object storage
+    /// output, only while a unit is being written).
     pub export_dir: PathBuf,
+    /// Where finished files are kept.
+    pub output: Output,
     /// The FHIR base URL that file URLs in manifests start with.
     pub base_url: String,
     /// Worker threads of this process.
@@ -58,6 +62,8 @@ pub enum KickOffError {
     Store(#[from] StoreError),
     #[error("cannot write the job's files: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot store the job's files: {0}")]
+    Output(#[from] OutputError),
 }
 
 /// What a status request answers.
@@ -80,15 +86,25 @@ pub enum JobView {
 /// What a download may serve.
 #[derive(Debug, Clone)]
 pub struct DownloadableFile {
-    pub path: PathBuf,
+    pub source: FileSource,
     pub record: FileRecord,
     pub job: JobRecord,
+}
+
+/// Where a file's bytes are read from.
+#[derive(Debug, Clone)]
+pub enum FileSource {
+    Local(PathBuf),
+    Remote(RemoteFile),
 }
 
 const LEASE: Duration = Duration::from_secs(30);
 const RENEW_AFTER: Duration = Duration::from_secs(10);
 /// Rows between checks for cancellation, shutdown and lease renewal: about a millisecond.
 const CHECK_EVERY_ROWS: u64 = 1024;
+/// How often a unit re-reads its job row, so that a cancel made through any process stops it
+/// within a second.
+const CANCEL_CHECK_EVERY: Duration = Duration::from_millis(400);
 
 /// Shared by the HTTP handlers and the workers.
 #[derive(Clone)]
@@ -108,6 +124,8 @@ struct Inner {
     /// Recently read job rows, by id, with when they were read.
     job_cache: Mutex<HashMap<String, (Instant, JobRecord)>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Sweeps so far.
+    sweeps: AtomicU64,
 }
 
 fn micros(duration: Duration) -> Micros {
@@ -143,8 +161,14 @@ impl ExportEngine {
                 wake: (Mutex::new(0), Condvar::new()),
                 job_cache: Mutex::new(HashMap::new()),
                 workers: Mutex::new(Vec::new()),
+                sweeps: AtomicU64::new(0),
             }),
         };
+        if let Output::Object(_) = &engine.inner.config.output {
+            tracing::info!(output = %engine.inner.config.output.describe(),
+                presigned_urls = engine.inner.config.output.presigned_urls(),
+                "export files go to object storage");
+        }
         engine.sweep().await;
         let mut workers = Vec::new();
         for number in 0..engine.inner.config.workers.max(1) {
@@ -221,6 +245,16 @@ impl ExportEngine {
         request.resolved_patients = planned.patients.clone();
         request.ignored.extend(planned.problems.iter().cloned());
         let files = self.write_ignored_report(&id, &request)?;
+        if let Output::Object(object) = &inner.config.output
+            && !files.is_empty()
+        {
+            let names: Vec<String> = files
+                .iter()
+                .map(|f| file_name(&f.path).to_owned())
+                .collect();
+            let dir = inner.config.export_dir.join(&id);
+            object.upload_files(&dir, &id, &names).await?;
+        }
         let nothing_to_do = planned.units.is_empty();
         inner
             .backend
@@ -327,9 +361,18 @@ impl ExportEngine {
                 if !job.manifest_shown {
                     backend.record_poll(id, true).await?;
                 }
+                let expires_at = job.expires_at.unwrap_or(now);
+                let manifest = job.manifest.unwrap_or_default();
+                let manifest = match &self.inner.config.output {
+                    Output::Object(object) if self.inner.config.output.presigned_urls() => {
+                        self.presign(object, &job.id, &manifest, expires_at - now)
+                            .await?
+                    }
+                    _ => manifest,
+                };
                 Ok(JobView::Completed {
-                    manifest: job.manifest.unwrap_or_default(),
-                    expires_at: job.expires_at.unwrap_or(now),
+                    manifest,
+                    expires_at,
                 })
             }
             JobStatus::Failed => Ok(JobView::Failed {
@@ -337,6 +380,40 @@ impl ExportEngine {
             }),
             _ => Ok(in_progress(&job, now)),
         }
+    }
+
+    /// The stored manifest with presigned URLs that expire with the job: signed anew on every
+    /// status request, so whichever process answers, the URLs are fresh.
+    async fn presign(
+        &self,
+        object: &crate::output::ObjectOutput,
+        job_id: &str,
+        manifest: &str,
+        remaining: Micros,
+    ) -> Result<String, StoreError> {
+        let files = self.inner.backend.job_files(job_id).await?;
+        let paths: HashMap<&str, &str> = files
+            .iter()
+            .map(|f| (f.id.as_str(), f.path.as_str()))
+            .collect();
+        let lifetime = Duration::from_micros(remaining.max(0) as u64);
+        let mut signed = HashMap::new();
+        for (id, path) in paths {
+            let url = object
+                .signed_url(path, lifetime)
+                .await
+                .map_err(|e| StoreError::Internal(format!("cannot sign a download URL: {e}")))?;
+            if let Some(url) = url {
+                signed.insert(id, url);
+            }
+        }
+        // By file id: the process that stored the manifest may know the base URL by another
+        // name than this one.
+        manifest::with_urls(manifest, false, |url| {
+            let (_, id) = url.rsplit_once("/Binary/")?;
+            signed.get(id).cloned()
+        })
+        .map_err(|e| StoreError::Internal(format!("a stored manifest does not parse: {e}")))
     }
 
     /// DELETE on the status URL.
@@ -349,7 +426,7 @@ impl ExportEngine {
             if let Ok(mut cancelled) = self.inner.cancelled.lock() {
                 cancelled.insert(id.to_owned());
             }
-            self.inner.remove_job_dir(id);
+            self.inner.remove_job_files(id).await;
             tracing::info!(job = %id, ?outcome, "export job cancelled or removed");
         }
         Ok(outcome)
@@ -364,15 +441,28 @@ impl ExportEngine {
         if job.status != JobStatus::Completed || expired {
             return Ok(None);
         }
-        let path = self.inner.config.export_dir.join(&record.path);
-        if !path.starts_with(&self.inner.config.export_dir) {
-            return Ok(None);
-        }
-        Ok(Some(DownloadableFile { path, record, job }))
+        let source = match &self.inner.config.output {
+            Output::Local => {
+                let path = self.inner.config.export_dir.join(&record.path);
+                if !path.starts_with(&self.inner.config.export_dir) {
+                    return Ok(None);
+                }
+                FileSource::Local(path)
+            }
+            Output::Object(object) => {
+                FileSource::Remote(object.remote_file(&record.path, record.bytes))
+            }
+        };
+        Ok(Some(DownloadableFile {
+            source,
+            record,
+            job,
+        }))
     }
 
-    /// Removes expired jobs and their files, and completes jobs whose units are all done.
-    async fn sweep(&self) {
+    /// Removes expired jobs and their files, completes jobs whose units are all done, and
+    /// removes files left by jobs that no longer exist. Runs every 30 seconds by itself.
+    pub async fn sweep(&self) {
         let inner = &self.inner;
         let now = now_micros();
         match inner
@@ -382,7 +472,7 @@ impl ExportEngine {
         {
             Ok(ids) => {
                 for id in ids {
-                    inner.remove_job_dir(&id);
+                    inner.remove_job_files(&id).await;
                     if let Err(e) = inner.backend.delete_job(&id).await {
                         tracing::warn!(job = %id, error = %e, "cannot remove an expired job");
                     } else {
@@ -410,12 +500,38 @@ impl ExportEngine {
                     .ok()
                     .and_then(|m| m.elapsed().ok())
                     .is_some_and(|age| age > Duration::from_secs(60));
-                if old && matches!(inner.backend.job(&name).await, Ok(None)) {
+                if !old {
+                    continue;
+                }
+                // With object storage a job's staging directory is only needed while it runs.
+                let gone = match inner.backend.job(&name).await {
+                    Ok(None) => true,
+                    Ok(Some(job)) => {
+                        matches!(inner.config.output, Output::Object(_))
+                            && !job.status.is_unfinished()
+                    }
+                    Err(_) => false,
+                };
+                if gone {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
         }
+        if let Output::Object(object) = &inner.config.output {
+            // Objects of jobs that no longer exist: a process died between uploading and
+            // committing, or after the job was cancelled elsewhere. Listing the bucket is not
+            // free, so only every tenth sweep.
+            let round = inner.sweeps.fetch_add(1, Ordering::Relaxed);
+            if round.is_multiple_of(10) {
+                inner.remove_orphaned_objects(object).await;
+            }
+        }
     }
+}
+
+/// The file name of a path relative to the export directory (`<job>/<name>`).
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 fn group_thousands(n: u64) -> String {
@@ -499,6 +615,51 @@ impl Inner {
         }
     }
 
+    /// Removes a job's files wherever they are.
+    async fn remove_job_files(&self, id: &str) {
+        self.remove_job_dir(id);
+        if let Output::Object(object) = &self.config.output
+            && uuid::Uuid::parse_str(id).is_ok()
+        {
+            match object.remove_job(id).await {
+                Ok(removed) => {
+                    tracing::debug!(job = %id, objects = removed, "export objects removed")
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "cannot remove a job's export objects")
+                }
+            }
+        }
+    }
+
+    async fn remove_orphaned_objects(&self, object: &crate::output::ObjectOutput) {
+        let ids = match object.job_ids().await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the export objects");
+                return;
+            }
+        };
+        for id in ids {
+            if uuid::Uuid::parse_str(&id).is_err()
+                || !matches!(self.backend.job(&id).await, Ok(None))
+            {
+                continue;
+            }
+            // A unit uploads before it commits: objects younger than a lease may belong to a
+            // job whose row a concurrent kick-off is about to insert.
+            match object.remove_job_older_than(&id, LEASE * 2).await {
+                Ok(0) => {}
+                Ok(removed) => {
+                    tracing::info!(job = %id, objects = removed, "orphaned export objects removed")
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "cannot remove orphaned export objects")
+                }
+            }
+        }
+    }
+
     fn is_cancelled(&self, job_id: &str) -> bool {
         self.cancelled
             .lock()
@@ -571,30 +732,53 @@ impl Inner {
                 .runtime
                 .block_on(self.backend.job_files(&unit.job_id))?;
             // One key file per committed unit attempt, named after its output files.
-            let mut key_files: Vec<PathBuf> = files
+            let mut key_names: Vec<String> = files
                 .iter()
                 // Provenance units write the only Provenance of such a job, and no key files.
                 .filter(|f| f.kind == "output" && f.resource_type != "Provenance")
                 .filter_map(|f| {
-                    let name = f.path.rsplit('/').next()?;
-                    let mut parts = name.split('-');
+                    let mut parts = file_name(&f.path).split('-');
                     let (unit_no, attempt) = (parts.next()?, parts.next()?);
-                    let key_file = keys_file_name(
+                    Some(keys_file_name(
                         unit_no.strip_prefix('u')?.parse().ok()?,
                         attempt.strip_prefix('a')?.parse().ok()?,
-                    );
-                    Some(self.config.export_dir.join(&unit.job_id).join(key_file))
+                    ))
                 })
                 .collect();
-            key_files.sort();
-            key_files.dedup();
-            policy.load_exported(&key_files)?;
+            key_names.sort();
+            key_names.dedup();
+            match &self.config.output {
+                Output::Local => {
+                    let key_files: Vec<PathBuf> = key_names.iter().map(|n| dir.join(n)).collect();
+                    policy.load_exported(&key_files)?;
+                }
+                Output::Object(object) => {
+                    // The units that wrote them may have run in other processes.
+                    let fetched = dir.join(format!("keys-u{}-a{}", unit.unit_no, unit.attempt));
+                    std::fs::create_dir_all(&fetched)?;
+                    let loaded = (|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                        let mut key_files = Vec::with_capacity(key_names.len());
+                        for name in &key_names {
+                            let local = fetched.join(name);
+                            self.runtime.block_on(
+                                object.fetch(&format!("{}/{name}", unit.job_id), &local),
+                            )?;
+                            key_files.push(local);
+                        }
+                        policy.load_exported(&key_files)?;
+                        Ok(())
+                    })();
+                    let _ = std::fs::remove_dir_all(&fetched);
+                    loaded?;
+                }
+            }
         }
         let record_keys = unit.kind == UnitKind::Output && provenance_by_target(&request);
         let mut files = UnitFiles::new(&dir, unit, self.config.max_file_bytes, record_keys)?;
         let mut rows = 0u64;
         let mut written_rows = 0u64;
         let mut last_renewal = Instant::now();
+        let mut last_status_check = Instant::now();
         let mut abandon = None;
         let mut line = Vec::new();
         let scanned = self.backend.scan_unit(unit, &mut |row| {
@@ -618,6 +802,15 @@ impl Inner {
                     abandon = Some(Abandon::Shutdown);
                 } else if self.is_cancelled(&unit.job_id) {
                     abandon = Some(Abandon::Cancelled);
+                } else if last_status_check.elapsed() > CANCEL_CHECK_EVERY {
+                    // A DELETE answered by another process reaches this one only
+                    // through the job row.
+                    last_status_check = Instant::now();
+                    match self.runtime.block_on(self.backend.job(&unit.job_id)) {
+                        Ok(Some(job)) if job.status == JobStatus::Running => {}
+                        Ok(_) => abandon = Some(Abandon::Cancelled),
+                        Err(e) => return Err(std::io::Error::other(e)),
+                    }
                 } else if last_renewal.elapsed() > RENEW_AFTER {
                     let until = now_micros() + micros(LEASE);
                     match self.runtime.block_on(self.backend.renew_lease(unit, until)) {
@@ -638,6 +831,28 @@ impl Inner {
             return Err(Box::new(e));
         }
         let written = files.finish()?;
+        // With object storage a unit's files (and its key file) are in the bucket before the
+        // unit commits, so every process can serve them as soon as the job says so.
+        let mut uploaded = Vec::new();
+        if let Output::Object(object) = &self.config.output {
+            let mut names: Vec<String> = written.iter().map(|(_, f)| f.name.clone()).collect();
+            if record_keys {
+                names.push(keys_file_name(unit.unit_no, unit.attempt));
+            }
+            if let Err(e) = self
+                .runtime
+                .block_on(object.upload_files(&dir, &unit.job_id, &names))
+            {
+                for name in &names {
+                    let _ = std::fs::remove_file(dir.join(name));
+                }
+                return Err(Box::new(e));
+            }
+            uploaded = names
+                .iter()
+                .map(|name| format!("{}/{name}", unit.job_id))
+                .collect();
+        }
         let kind = match unit.kind {
             UnitKind::Output | UnitKind::Provenance => "output",
             UnitKind::Deleted => "deleted",
@@ -669,6 +884,9 @@ impl Inner {
             UnitCommit::Fenced => {
                 for (_, file) in &written {
                     let _ = std::fs::remove_file(dir.join(&file.name));
+                }
+                if let Output::Object(object) = &self.config.output {
+                    self.runtime.block_on(object.delete(&uploaded));
                 }
                 Ok(Err(if self.is_cancelled(&unit.job_id) {
                     Abandon::Cancelled

@@ -7,6 +7,7 @@
 //! - [`unit`]: what a worker does with each row (de-duplication, `_elements`, routing).
 //! - [`files`]: NDJSON files that roll over by size.
 //! - [`manifest`]: the completion manifest.
+//! - [`output`]: where finished files live: the local export directory or object storage.
 //!
 //! An export reads the store as of one change sequence number (its snapshot): a unit streams
 //! the versions that were newest at that point, so writes during the export are left to the
@@ -15,9 +16,11 @@
 pub mod engine;
 pub mod files;
 pub mod manifest;
+pub mod output;
 pub mod planner;
 pub mod request;
 pub mod unit;
 
-pub use engine::{DownloadableFile, EngineConfig, ExportEngine, JobView, KickOffError};
+pub use engine::{DownloadableFile, EngineConfig, ExportEngine, FileSource, JobView, KickOffError};
+pub use output::{Output, OutputError, OutputSettings};
 pub use request::{ElementSpec, ExportRequest, IgnoredParameter, Level, ParameterError};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_export::{EngineConfig, ExportEngine};
-use hearth_store::{SqliteStore, Store, StoreError};
+use hearth_store::{Backend, SqliteStore, StoreError};
 
 use crate::auth::{AuthSettings, Authorizer};
 use crate::{AppState, ServerConfig};
@@ -19,6 +19,8 @@ pub struct ExportSettings {
     pub ttl: Duration,
     pub max_active_exports: u64,
     pub rows_per_unit: u64,
+    /// Where finished export files are kept (default: the data directory).
+    pub output: hearth_export::Output,
 }
 
 impl Default for ExportSettings {
@@ -29,6 +31,7 @@ impl Default for ExportSettings {
             ttl: Duration::from_secs(24 * 3600),
             max_active_exports: 16,
             rows_per_unit: 100_000,
+            output: hearth_export::Output::Local,
         }
     }
 }
@@ -36,14 +39,14 @@ impl Default for ExportSettings {
 /// A running embedded stack.
 pub struct Embedded {
     pub state: AppState,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Backend>,
     pub engine: ExportEngine,
 }
 
 impl Embedded {
     /// Starts the export engine over an open store (export files under `<data_dir>/exports`).
     pub async fn start(
-        store: Arc<SqliteStore>,
+        store: Arc<dyn Backend>,
         data_dir: &Path,
         config: ServerConfig,
         export: ExportSettings,
@@ -54,7 +57,7 @@ impl Embedded {
     /// [`Embedded::start`] with authorization: manifests then say `requiresAccessToken`, and
     /// every request needs a token.
     pub async fn start_secured(
-        store: Arc<SqliteStore>,
+        store: Arc<dyn Backend>,
         data_dir: &Path,
         config: ServerConfig,
         export: ExportSettings,
@@ -65,6 +68,7 @@ impl Embedded {
             store.clone(),
             EngineConfig {
                 export_dir: data_dir.join("exports"),
+                output: export.output.clone(),
                 base_url: config.base_url.clone(),
                 workers: export.workers,
                 max_file_bytes: export.max_file_bytes,

@@ -11,7 +11,9 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use bytes::Bytes;
-use hearth_export::{DownloadableFile, ExportRequest, JobView, KickOffError, Level};
+use hearth_export::{
+    DownloadableFile, ExportRequest, FileSource, JobView, KickOffError, Level, OutputError,
+};
 use hearth_fhir::instant::now_micros;
 use hearth_fhir::outcome::{Issue, operation_outcome};
 use hearth_store::jobs::CancelOutcome;
@@ -251,6 +253,7 @@ async fn kick_off_at(
             },
             KickOffError::Store(e) => e.into(),
             KickOffError::Io(e) => ApiError::Internal(e.to_string()),
+            KickOffError::Output(e) => ApiError::Internal(e.to_string()),
         })?;
     auth::audit("export.kick_off", grants.as_ref(), &job_id, "202");
     let location = format!(
@@ -467,12 +470,29 @@ fn stream_file(
     encoding: Encoding,
     file_id: String,
 ) -> Body {
+    stream_encoded(
+        move || {
+            let mut file = std::fs::File::open(&path)?;
+            file.seek(SeekFrom::Start(start))?;
+            Ok(file)
+        },
+        len,
+        encoding,
+        file_id,
+    )
+}
+
+/// Streams `len` bytes of what `open` returns, transformed on a blocking thread.
+fn stream_encoded<R, F>(open: F, len: u64, encoding: Encoding, file_id: String) -> Body
+where
+    R: Read,
+    F: FnOnce() -> std::io::Result<R> + Send + 'static,
+{
     let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::task::spawn_blocking(move || {
         let send = |chunk: std::io::Result<Bytes>| sender.blocking_send(chunk).is_ok();
         let result = (|| -> std::io::Result<()> {
-            let mut file = std::fs::File::open(&path)?;
-            file.seek(SeekFrom::Start(start))?;
+            let mut file = open()?;
             let mut remaining = len;
             let mut buffer = vec![0u8; CHUNK];
             let mut gzip = matches!(encoding, Encoding::Gzip).then(|| {
@@ -577,14 +597,13 @@ pub async fn binary(
 }
 
 async fn download(file: DownloadableFile, headers: &HeaderMap) -> ApiResult<Response> {
-    let len = match tokio::fs::metadata(&file.path).await {
-        Ok(meta) => meta.len(),
-        Err(_) => {
-            return Err(ApiError::NotFound(format!(
-                "file {} is no longer available",
-                file.record.id
-            )));
-        }
+    let gone = || ApiError::NotFound(format!("file {} is no longer available", file.record.id));
+    let len = match &file.source {
+        FileSource::Local(path) => match tokio::fs::metadata(path).await {
+            Ok(meta) => meta.len(),
+            Err(_) => return Err(gone()),
+        },
+        FileSource::Remote(remote) => remote.size(),
     };
     let etag = format!("\"{}\"", file.record.id);
     let binary = wants_binary_resource(headers);
@@ -602,13 +621,28 @@ async fn download(file: DownloadableFile, headers: &HeaderMap) -> ApiResult<Resp
     };
     let (start, end) = range.unwrap_or((0, len.saturating_sub(1)));
     let body_len = if len == 0 { 0 } else { end - start + 1 };
-    let body = stream_file(
-        file.path.clone(),
-        start,
-        body_len,
-        encoding,
-        file.record.id.clone(),
-    );
+    let body = match &file.source {
+        FileSource::Local(path) => stream_file(
+            path.clone(),
+            start,
+            body_len,
+            encoding,
+            file.record.id.clone(),
+        ),
+        // A ranged GET, so a resumed download fetches only what is missing.
+        FileSource::Remote(remote) => {
+            let reader = remote.open(start, body_len).await.map_err(|e| match e {
+                OutputError::NotFound(_) => gone(),
+                e => ApiError::Internal(format!("cannot read file {}: {e}", file.record.id)),
+            })?;
+            stream_encoded(
+                move || Ok(reader),
+                body_len,
+                encoding,
+                file.record.id.clone(),
+            )
+        }
+    };
     let status = if range.is_some() {
         StatusCode::PARTIAL_CONTENT
     } else {

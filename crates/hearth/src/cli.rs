@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hearth_load::{BatchLimits, LoadObserver, LoadReport, Rejection, Target};
 use hearth_server::{Embedded, ExportSettings, FHIR_PATH, ServerConfig};
-use hearth_store::{SqliteStore, Store};
+use hearth_store::Backend;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::net::TcpListener;
 
@@ -49,6 +49,10 @@ struct ServeArgs {
     /// Data directory: the SQLite database and export files live here.
     #[arg(long, env = "HEARTH_DATA", default_value = "./hearth-data")]
     data: PathBuf,
+    /// PostgreSQL database (postgres://user@host:port/db) shared by several Hearth processes,
+    /// in place of the embedded SQLite store in the data directory.
+    #[arg(long, env = "HEARTH_DATABASE")]
+    database: Option<String>,
     /// Public FHIR base URL (default http://<addr>/fhir).
     #[arg(long, env = "HEARTH_BASE_URL")]
     base_url: Option<String>,
@@ -79,6 +83,8 @@ struct ServeArgs {
     lenient_headers: bool,
     #[command(flatten)]
     security: crate::security_args::SecurityArgs,
+    #[command(flatten)]
+    output: crate::output_args::OutputArgs,
 }
 
 /// `90`, `90s`, `15m`, `24h` or `2d`.
@@ -115,6 +121,9 @@ struct LoadArgs {
     /// Write straight into this data directory (the server must not be running on it).
     #[arg(long, env = "HEARTH_DATA", conflicts_with = "server")]
     data: Option<PathBuf>,
+    /// Write straight into this PostgreSQL database (postgres://…); servers may be running on it.
+    #[arg(long, env = "HEARTH_DATABASE", conflicts_with_all = ["server", "data"])]
+    database: Option<String>,
     /// Send through the HTTP API of a running server (its FHIR base URL).
     #[arg(long, env = "HEARTH_SERVER")]
     server: Option<String>,
@@ -218,24 +227,29 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(&args.data).await?;
+    let store = open_store(args.database.as_deref(), &args.data).await?;
     serve_store(args, store).await
 }
 
-async fn open_store(data: &Path) -> anyhow::Result<Arc<SqliteStore>> {
-    let data = data.to_owned();
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data))
-        .await?
-        .context("opening the data directory")?;
-    Ok(Arc::new(store))
+pub(crate) async fn open_store(
+    database: Option<&str>,
+    data: &Path,
+) -> anyhow::Result<Arc<dyn Backend>> {
+    hearth_store::open(database, data)
+        .await
+        .with_context(|| match database {
+            Some(_) => "opening the database".to_owned(),
+            None => format!("opening the data directory {}", data.display()),
+        })
 }
 
-async fn serve_store(args: ServeArgs, store: Arc<SqliteStore>) -> anyhow::Result<ExitCode> {
+async fn serve_store(args: ServeArgs, store: Arc<dyn Backend>) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let local = listener.local_addr()?;
     let auth = args.security.auth_settings()?;
+    let output = args.output.output().await?;
     let options = args.security.serve_options()?;
     let scheme = if args.security.tls() { "https" } else { "http" };
     let base_url = args
@@ -251,6 +265,7 @@ async fn serve_store(args: ServeArgs, store: Arc<SqliteStore>) -> anyhow::Result
         ttl: args.export_ttl,
         max_active_exports: args.max_active_exports,
         rows_per_unit: args.export_unit_rows.max(1),
+        output,
     };
     let workers = export.workers;
     let config = ServerConfig {
@@ -362,8 +377,12 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             let data = data
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("./hearth-data"));
-            let store = open_store(&data).await?;
+            let store = open_store(args.database.as_deref(), &data).await?;
             let result = load_into(&args.paths, Target::Store(store.clone()), limits).await;
+            if let (Some(url), Ok(_)) = (&args.database, &result) {
+                // Fresh statistics, or the planner keeps the plans of an empty table.
+                hearth_store::PgStore::connect(url).await?.analyze().await?;
+            }
             store.close().await.context("closing the store")?;
             result?
         }
@@ -377,7 +396,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(&args.serve.data).await?;
+    let store = open_store(args.serve.database.as_deref(), &args.serve.data).await?;
     if store.seq_at(i64::MAX).await? == 0 {
         let synth_dir = args.serve.data.join("demo-ndjson");
         tracing::info!(patients = args.patients, dir = %synth_dir.display(), "synthesizing a demo population");

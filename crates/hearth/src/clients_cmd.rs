@@ -4,14 +4,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use hearth_fhir::instant::{format_instant, now_micros};
 use hearth_server::auth::{jwks, scopes};
-use hearth_store::clients::{ClientRecord, ClientStore};
-use hearth_store::{SqliteStore, Store};
+use hearth_store::Backend;
+use hearth_store::clients::ClientRecord;
 
 #[derive(Args, Debug)]
 pub struct ClientsArgs {
@@ -23,6 +22,9 @@ pub struct ClientsArgs {
         global = true
     )]
     data: PathBuf,
+    /// The server's PostgreSQL database (postgres://…), when it runs on one.
+    #[arg(long, env = "HEARTH_DATABASE", global = true)]
+    database: Option<String>,
     #[command(subcommand)]
     command: ClientsCommand,
 }
@@ -63,14 +65,10 @@ struct AddArgs {
 }
 
 pub async fn run(args: ClientsArgs) -> anyhow::Result<ExitCode> {
-    let data = args.data.clone();
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&data))
-        .await?
-        .with_context(|| format!("opening the data directory {}", args.data.display()))?;
-    let store = Arc::new(store);
+    let store = crate::cli::open_store(args.database.as_deref(), &args.data).await?;
     let result = match args.command {
-        ClientsCommand::Add(add) => add_client(&store, add).await,
-        ClientsCommand::List => list_clients(&store).await,
+        ClientsCommand::Add(add) => add_client(store.as_ref(), add).await,
+        ClientsCommand::List => list_clients(store.as_ref()).await,
         ClientsCommand::Remove { id } => {
             if store.remove_client(&id).await? {
                 println!("removed client {id}");
@@ -85,7 +83,7 @@ pub async fn run(args: ClientsArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
-async fn add_client(store: &SqliteStore, args: AddArgs) -> anyhow::Result<ExitCode> {
+async fn add_client(store: &dyn Backend, args: AddArgs) -> anyhow::Result<ExitCode> {
     let id = args.id.trim();
     if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
         bail!("--id must be 1 to 128 printable characters without spaces");
@@ -151,7 +149,7 @@ fn check_public_only(text: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn list_clients(store: &SqliteStore) -> anyhow::Result<ExitCode> {
+async fn list_clients(store: &dyn Backend) -> anyhow::Result<ExitCode> {
     let clients = store.clients().await?;
     if clients.is_empty() {
         println!("no clients registered");

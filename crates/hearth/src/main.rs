@@ -4,6 +4,7 @@
 mod cli;
 mod clients_cmd;
 mod export_cmd;
+mod output_args;
 mod security_args;
 
 use std::process::ExitCode;

@@ -1,4 +1,5 @@
-//! The `hearth` binary as a user runs it: `hearth load`.
+//! The `hearth` binary as a user runs it: `hearth load`, and `hearth serve` refusing a bad
+//! combination of flags.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -138,5 +139,24 @@ async fn load_of_clean_input_exits_0() {
         Some(0),
         "stderr: {}",
         String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+#[test]
+fn serve_refuses_presigned_urls_without_object_storage() {
+    let data = TempDir::new().unwrap();
+    let output = hearth(&[
+        "serve".as_ref(),
+        "--presigned-urls".as_ref(),
+        "--addr".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--data".as_ref(),
+        data.path().join("db").as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("presigned URLs need object storage output (--output s3://"),
+        "stderr: {stderr}"
     );
 }

@@ -131,6 +131,11 @@ pub fn enc(value: &str) -> String {
 }
 
 impl TestServer {
+    /// Runs the export engine's retention sweep now instead of at its next 30-second tick.
+    pub async fn sweep_exports(&self) {
+        self.engine.sweep().await;
+    }
+
     /// An absolute URL under the FHIR base; `path` starts with `/` (or `?`), or is already
     /// absolute.
     pub fn url(&self, path: &str) -> String {

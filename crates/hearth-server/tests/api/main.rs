@@ -4,6 +4,8 @@
 mod bundle;
 mod export;
 mod helpers;
+mod moto;
 mod patient_export;
 mod rest;
+mod s3_output;
 mod search;
