@@ -7,6 +7,8 @@ the same run. Results are medians of --runs runs; paste the printed table into B
     python3 bench/run.py read   --data /tmp/bench               # GET [base]/Observation/<id> under wrk
     python3 bench/run.py client --data /tmp/bench [--parallel 4] # hearth export downloading a whole export: MB/s, peak RSS
     python3 bench/run.py levels --data /tmp/bench [--runs 3]    # Patient/Group export and _typeFilter vs system
+    python3 bench/run.py pg --database URL --data /tmp/pgb [--s3]  # PostgreSQL: export vs a bare COPY, one vs two instances
+    python3 bench/run.py pgload --server URL DIR...               # hearth load --database vs psql COPY of the same lines
 
 Needs a release build (cargo build --release -p hearth) and, for poll latency, wrk.
 """
@@ -340,6 +342,128 @@ def cmd_client(args):
         server.stop()
 
 
+def bare_copy(database, readers):
+    """The stored bodies of current resources streamed to a file by psql COPY, split by seq range
+    over `readers` parallel connections: the floor for an export from this database."""
+    out = tempfile.mkdtemp(prefix="hearth-pg-baseline-")
+    bounds = subprocess.run(["psql", database, "-Atc", "SELECT min(seq), max(seq) FROM resource_version"],
+                            capture_output=True, text=True, check=True).stdout.strip().split("|")
+    low, high = int(bounds[0]), int(bounds[1])
+    step = (high - low) // readers + 1
+    started = time.perf_counter()
+    procs = []
+    for n in range(readers):
+        sql = (f"COPY (SELECT convert_from(body, 'UTF8') FROM resource_version WHERE NOT deleted AND superseded_by IS NULL "
+               f"AND seq >= {low + n * step} AND seq < {low + (n + 1) * step} ORDER BY res_type, seq) TO STDOUT")
+        procs.append(subprocess.Popen(f"psql '{database}' -c \"{sql}\" > {out}/part{n}", shell=True))
+    for p in procs:
+        assert p.wait() == 0
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(out)
+    return elapsed
+
+
+class Moto:
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                request(f"http://127.0.0.1:{self.port}/bench", method="PUT")
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("moto_server did not start")
+
+    def flags(self):
+        return ["--output", "s3://bench/exports", "--s3-endpoint", f"http://127.0.0.1:{self.port}", "--s3-allow-http"]
+
+    def stop(self):
+        self.proc.terminate(); self.proc.wait(timeout=30)
+
+
+def cmd_pg(args):
+    """System export from PostgreSQL (local output, and S3 through moto with --s3), against psql
+    COPY of the same bodies with as many readers as workers, then one vs two instances."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench"); os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_REGION", "us-east-1")
+    moto = Moto() if args.s3 else None
+    os.makedirs(args.data, exist_ok=True)
+    common = ["--database", args.database, "--export-workers", str(args.workers)] + (moto.flags() if moto else [])
+    second_data = args.data + "-second"
+    os.makedirs(second_data, exist_ok=True)
+    try:
+        server = Server(args.data, extra=common)
+        try:
+            _, manifest, location = export_once(server)  # warm-up
+            request(location, method="DELETE")
+            rows = []
+            for run in range(args.runs):
+                base_s = bare_copy(args.database, args.workers)
+                elapsed, manifest, location = export_once(server)
+                resources = sum(item["count"] for item in manifest["output"])
+                request(location, method="DELETE")
+                rows.append(dict(rate=resources / elapsed, base=resources / base_s, ratio=elapsed / base_s))
+                print(f"run {run + 1}: {resources:,} resources: export {elapsed:.2f} s = {resources / elapsed:,.0f}/s; "
+                      f"psql COPY x{args.workers} {base_s:.2f} s = {resources / base_s:,.0f}/s (x{elapsed / base_s:.2f})")
+            med = lambda k: statistics.median(r[k] for r in rows)
+            print(f"median, one instance{' (S3 output)' if moto else ''}: {med('rate'):,.0f} resources/s; "
+                  f"bare COPY {med('base'):,.0f}/s; ratio x{med('ratio'):.2f}")
+            if args.two:
+                second = Server(second_data, extra=common)
+                try:
+                    pair = []
+                    for run in range(args.runs):
+                        elapsed, manifest, location = export_once(server)
+                        resources = sum(item["count"] for item in manifest["output"])
+                        request(location, method="DELETE")
+                        pair.append(resources / elapsed)
+                        print(f"two instances, run {run + 1}: {elapsed:.2f} s = {resources / elapsed:,.0f}/s")
+                    print(f"median, two instances on this machine: {statistics.median(pair):,.0f} resources/s "
+                          f"(x{statistics.median(pair) / med('rate'):.2f} of one)")
+                finally:
+                    second.stop()
+        finally:
+            server.stop()
+    finally:
+        if moto:
+            moto.stop()
+
+
+def cmd_pgload(args):
+    """hearth load --database into a fresh database (rate, peak RSS), against psql COPY of the
+    same NDJSON lines into an unindexed table in the same run: the floor of getting the bytes in."""
+    admin = args.server.rstrip("/") + "/postgres"
+    target = args.server.rstrip("/") + "/hearth_bench_load"
+    files = [os.path.join(d, f) for d in args.paths for f in sorted(os.listdir(d)) if f.endswith(".ndjson")]
+    fresh = lambda: subprocess.run(["psql", admin, "-qc", "DROP DATABASE IF EXISTS hearth_bench_load",
+                                    "-c", "CREATE DATABASE hearth_bench_load"], check=True, capture_output=True)
+    rows = []
+    for run in range(args.runs):
+        fresh()
+        subprocess.run(["psql", target, "-qc", "CREATE TABLE raw (line TEXT)"], check=True)
+        started = time.perf_counter()
+        # CSV with quote and delimiter bytes that JSON never holds: each line arrives unchanged.
+        subprocess.run(f"cat {' '.join(files)} | psql '{target}' -qc \"COPY raw FROM STDIN (FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')\"",
+                       shell=True, check=True)
+        copy_s = time.perf_counter() - started
+        fresh()
+        started = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-v", HEARTH, "load", *args.paths, "--database", target],
+                              capture_output=True, text=True, check=True)
+        elapsed = time.perf_counter() - started
+        rss = next(int(l.split()[-1]) for l in proc.stderr.splitlines() if "Maximum resident" in l)
+        count = int(next(l for l in proc.stdout.splitlines() if l.startswith("loaded")).split()[1])
+        rows.append(dict(rate=count / elapsed, copy=count / copy_s, ratio=elapsed / copy_s, rss=rss))
+        print(f"run {run + 1}: {count:,} resources in {elapsed:.1f} s = {count / elapsed:,.0f}/s (VACUUM included), "
+              f"peak RSS {rss / 1024:.0f} MiB; psql COPY of the lines {copy_s:.1f} s = {count / copy_s:,.0f}/s (x{elapsed / copy_s:.2f})")
+    fresh()
+    med = lambda k: statistics.median(r[k] for r in rows)
+    print(f"median: {med('rate'):,.0f} resources/s; psql COPY {med('copy'):,.0f}/s; ratio x{med('ratio'):.2f}; "
+          f"peak RSS max {max(r['rss'] for r in rows) / 1024:.0f} MiB")
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -355,8 +479,15 @@ def main():
     client.add_argument("--workers", type=int, default=os.cpu_count())
     client.add_argument("--out", default=tempfile.gettempdir(), help="where the downloads go (removed after each run)")
     client.add_argument("--server-hearth", help="another hearth binary for the server (default: the same)")
+    pg = sub.add_parser("pg"); pg.add_argument("--database", required=True); pg.add_argument("--data", required=True)
+    pg.add_argument("--runs", type=int, default=3); pg.add_argument("--workers", type=int, default=os.cpu_count())
+    pg.add_argument("--s3", action="store_true", help="export to a moto S3 bucket instead of local files")
+    pg.add_argument("--two", action="store_true", help="also run a second instance on the same database")
+    pgload = sub.add_parser("pgload"); pgload.add_argument("paths", nargs="+")
+    pgload.add_argument("--server", default="postgres://postgres@127.0.0.1:5432", help="server URL without database")
+    pgload.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client}[args.cmd](args)
+    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client, "pg": cmd_pg, "pgload": cmd_pgload}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,14 @@ pub struct EngineConfig {
     pub requires_access_token: bool,
     /// Planned size of a work unit, in resources.
     pub rows_per_unit: u64,
+    /// How long a claimed unit stays claimed without a renewal. Another process takes over the
+    /// units of a process that died once their leases run out, so this bounds how long a
+    /// crash holds up a job.
+    pub lease: Duration,
 }
+
+/// The default [`EngineConfig::lease`].
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// Why a kick-off was refused.
 #[derive(Debug, thiserror::Error)]
@@ -98,8 +105,6 @@ pub enum FileSource {
     Remote(RemoteFile),
 }
 
-const LEASE: Duration = Duration::from_secs(30);
-const RENEW_AFTER: Duration = Duration::from_secs(10);
 /// Rows between checks for cancellation, shutdown and lease renewal: about a millisecond.
 const CHECK_EVERY_ROWS: u64 = 1024;
 /// How often a unit re-reads its job row, so that a cancel made through any process stops it
@@ -182,6 +187,9 @@ impl ExportEngine {
         if let Ok(mut slot) = engine.inner.workers.lock() {
             *slot = workers;
         }
+        // Leases in the store name this id: the line tells which process holds a unit.
+        tracing::info!(instance = %engine.inner.instance, workers = engine.inner.config.workers.max(1),
+            lease_secs = engine.inner.config.lease.as_secs_f64(), "export workers started");
         let sweeper = engine.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -253,7 +261,10 @@ impl ExportEngine {
                 .map(|f| file_name(&f.path).to_owned())
                 .collect();
             let dir = inner.config.export_dir.join(&id);
-            object.upload_files(&dir, &id, &names).await?;
+            // Nobody can cancel a job before its kick-off has answered.
+            object
+                .upload_files(&dir, &id, &names, &AtomicBool::new(false))
+                .await?;
         }
         let nothing_to_do = planned.units.is_empty();
         inner
@@ -368,7 +379,7 @@ impl ExportEngine {
                         self.presign(object, &job.id, &manifest, expires_at - now)
                             .await?
                     }
-                    _ => manifest,
+                    _ => self.with_own_urls(manifest)?,
                 };
                 Ok(JobView::Completed {
                     manifest,
@@ -412,6 +423,23 @@ impl ExportEngine {
         manifest::with_urls(manifest, false, |url| {
             let (_, id) = url.rsplit_once("/Binary/")?;
             signed.get(id).cloned()
+        })
+        .map_err(|e| StoreError::Internal(format!("a stored manifest does not parse: {e}")))
+    }
+
+    /// The stored manifest with download URLs on this process. The process that finished the
+    /// job stored them under its own base URL; processes without a shared `--base-url` would
+    /// otherwise send clients to that one, which may be gone, although every process serves
+    /// every file.
+    fn with_own_urls(&self, manifest: String) -> Result<String, StoreError> {
+        let base = &self.inner.config.base_url;
+        // One process built the whole manifest: one URL on this base means all are.
+        if manifest.contains(&format!("\"url\":\"{base}/Binary/")) {
+            return Ok(manifest);
+        }
+        manifest::with_urls(&manifest, self.inner.config.requires_access_token, |url| {
+            let (_, id) = url.rsplit_once("/Binary/")?;
+            Some(manifest::file_url(base, id))
         })
         .map_err(|e| StoreError::Internal(format!("a stored manifest does not parse: {e}")))
     }
@@ -648,7 +676,7 @@ impl Inner {
             }
             // A unit uploads before it commits: objects younger than a lease may belong to a
             // job whose row a concurrent kick-off is about to insert.
-            match object.remove_job_older_than(&id, LEASE * 2).await {
+            match object.remove_job_older_than(&id, DEFAULT_LEASE * 2).await {
                 Ok(0) => {}
                 Ok(removed) => {
                     tracing::info!(job = %id, objects = removed, "orphaned export objects removed")
@@ -673,10 +701,11 @@ impl Inner {
         while !self.shutdown.load(Ordering::SeqCst) {
             let generation = self.wake.0.lock().map(|g| *g).unwrap_or(0);
             let now = now_micros();
-            match self
-                .runtime
-                .block_on(self.backend.claim_unit(&owner, now + micros(LEASE), now))
-            {
+            match self.runtime.block_on(self.backend.claim_unit(
+                &owner,
+                now + micros(self.config.lease),
+                now,
+            )) {
                 Ok(Some(unit)) => self.run_unit(unit),
                 Ok(None) => {
                     // Sleep until a kick-off (or a second passes: other processes, restarts).
@@ -705,6 +734,13 @@ impl Inner {
             }
             Ok(Err(reason)) => {
                 tracing::info!(job = %unit.job_id, unit = unit.unit_no, ?reason, "unit abandoned");
+            }
+            // A cancel through this process removes the job's directory under its running
+            // units, whose next file then cannot be created: the cancel taking effect, not a
+            // failed export.
+            Err(_) if self.is_cancelled(&unit.job_id) => {
+                tracing::info!(job = %unit.job_id, unit = unit.unit_no, reason = ?Abandon::Cancelled,
+                    "unit abandoned");
             }
             Err(e) => {
                 tracing::error!(job = %unit.job_id, unit = unit.unit_no, error = %e, "export unit failed");
@@ -806,14 +842,20 @@ impl Inner {
                     // A DELETE answered by another process reaches this one only
                     // through the job row.
                     last_status_check = Instant::now();
-                    match self.runtime.block_on(self.backend.job(&unit.job_id)) {
+                    let (backend, job_id) = (Arc::clone(&self.backend), unit.job_id.clone());
+                    match self.wait_in_scan(async move { backend.job(&job_id).await })? {
                         Ok(Some(job)) if job.status == JobStatus::Running => {}
                         Ok(_) => abandon = Some(Abandon::Cancelled),
                         Err(e) => return Err(std::io::Error::other(e)),
                     }
-                } else if last_renewal.elapsed() > RENEW_AFTER {
-                    let until = now_micros() + micros(LEASE);
-                    match self.runtime.block_on(self.backend.renew_lease(unit, until)) {
+                } else if last_renewal.elapsed() > self.config.lease / 3 {
+                    // At a third of the lease (10 s of the default 30 s): a renewal held up
+                    // by a slow store still lands before another process may take over.
+                    let until = now_micros() + micros(self.config.lease);
+                    let (backend, claimed) = (Arc::clone(&self.backend), unit.clone());
+                    match self
+                        .wait_in_scan(async move { backend.renew_lease(&claimed, until).await })?
+                    {
                         Ok(true) => last_renewal = Instant::now(),
                         Ok(false) => abandon = Some(Abandon::LeaseLost),
                         Err(e) => return Err(std::io::Error::other(e)),
@@ -839,12 +881,25 @@ impl Inner {
             if record_keys {
                 names.push(keys_file_name(unit.unit_no, unit.attempt));
             }
-            if let Err(e) = self
-                .runtime
-                .block_on(object.upload_files(&dir, &unit.job_id, &names))
-            {
+            let stop = AtomicBool::new(false);
+            let upload = self.runtime.block_on(async {
+                let upload = object.upload_files(&dir, &unit.job_id, &names, &stop);
+                tokio::pin!(upload);
+                tokio::select! {
+                    uploaded = &mut upload => uploaded,
+                    () = self.until_cancelled(&unit.job_id) => {
+                        // The upload stops at its next chunk and removes what it stored.
+                        stop.store(true, Ordering::Relaxed);
+                        upload.await
+                    }
+                }
+            });
+            if let Err(e) = upload {
                 for name in &names {
                     let _ = std::fs::remove_file(dir.join(name));
+                }
+                if matches!(e, OutputError::Stopped) {
+                    return Ok(Err(Abandon::Cancelled));
                 }
                 return Err(Box::new(e));
             }
@@ -895,6 +950,41 @@ impl Inner {
                 }))
             }
         }
+    }
+
+    /// Returns once `job_id` is cancelled, through this process or (as its row says) any
+    /// other: checked at once (the scan's last check may be 400 ms old) and then as often as
+    /// a scan checks, for the work between scan and commit.
+    async fn until_cancelled(&self, job_id: &str) {
+        loop {
+            if self.is_cancelled(job_id) {
+                return;
+            }
+            // A store error leaves the decision to the commit, which is fenced anyway.
+            if let Ok(job) = self.backend.job(job_id).await
+                && job.is_none_or(|job| job.status != JobStatus::Running)
+            {
+                return;
+            }
+            tokio::time::sleep(CANCEL_CHECK_EVERY).await;
+        }
+    }
+
+    /// Runs `future` on the runtime and waits for its output, from a scan's row callback. A
+    /// store may call that callback from inside its own `block_on` on this thread (the
+    /// PostgreSQL scan did), where a second `block_on` panics and the worker thread dies with
+    /// its unit still leased; so the future runs as a task, and this thread only waits.
+    fn wait_in_scan<T: Send + 'static>(
+        &self,
+        future: impl Future<Output = T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let _ = answer.send(future.await);
+        });
+        answered
+            .recv()
+            .map_err(|_| std::io::Error::other("a store call ended without an answer"))
     }
 
     /// Builds and stores the manifest of a job whose units are all done.

@@ -8,6 +8,7 @@
 //! - [`files`]: NDJSON files that roll over by size.
 //! - [`manifest`]: the completion manifest.
 //! - [`output`]: where finished files live: the local export directory or object storage.
+//! - `testing` (feature `testing`): an S3-compatible test server for other crates' tests.
 //!
 //! An export reads the store as of one change sequence number (its snapshot): a unit streams
 //! the versions that were newest at that point, so writes during the export are left to the
@@ -19,8 +20,12 @@ pub mod manifest;
 pub mod output;
 pub mod planner;
 pub mod request;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod unit;
 
-pub use engine::{DownloadableFile, EngineConfig, ExportEngine, FileSource, JobView, KickOffError};
+pub use engine::{
+    DEFAULT_LEASE, DownloadableFile, EngineConfig, ExportEngine, FileSource, JobView, KickOffError,
+};
 pub use output::{Output, OutputError, OutputSettings};
 pub use request::{ElementSpec, ExportRequest, IgnoredParameter, Level, ParameterError};

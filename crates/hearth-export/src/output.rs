@@ -10,6 +10,7 @@ use std::fmt;
 use std::io::Read;
 use std::path::Path as LocalPath;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -51,6 +52,9 @@ pub enum OutputError {
     ObjectStorageOptionWithoutOutput(&'static str),
     #[error("the export file {0} is no longer in object storage")]
     NotFound(String),
+    /// The caller asked the upload to stop (its job was cancelled).
+    #[error("the upload was stopped")]
+    Stopped,
     #[error("object storage: {0}")]
     ObjectStore(#[from] object_store::Error),
     #[error("{0}")]
@@ -245,8 +249,15 @@ impl ObjectOutput {
     }
 
     /// Streams a staged file into the object `relative`: one PUT when it is smaller than a
-    /// part, a multipart upload otherwise. Memory stays bounded by the part size.
-    pub async fn upload(&self, local: &LocalPath, relative: &str) -> Result<(), OutputError> {
+    /// part, a multipart upload otherwise. Memory stays bounded by the part size. Once `stop`
+    /// is set, the upload ends at its next chunk with [`OutputError::Stopped`], leaving nothing
+    /// in the bucket: a large file takes seconds, longer than a cancel may wait.
+    pub async fn upload(
+        &self,
+        local: &LocalPath,
+        relative: &str,
+        stop: &AtomicBool,
+    ) -> Result<(), OutputError> {
         let mut file = tokio::fs::File::open(local).await?;
         let store: Arc<dyn ObjectStore> = self.store.clone();
         let mut writer = BufWriter::with_capacity(store, self.key(relative), self.part_size)
@@ -262,6 +273,9 @@ impl ObjectOutput {
                 if chunk.is_empty() {
                     return Ok(());
                 }
+                if stop.load(Ordering::Relaxed) {
+                    return Err(OutputError::Stopped);
+                }
                 writer.put(chunk.freeze()).await?;
             }
         }
@@ -276,17 +290,19 @@ impl ObjectOutput {
     }
 
     /// Uploads `names` from the staging directory `dir` to `<job>/<name>` and removes the
-    /// staged copies. On failure nothing of the batch is left in the bucket.
+    /// staged copies. On failure, or when `stop` is set, nothing of the batch is left in the
+    /// bucket.
     pub async fn upload_files(
         &self,
         dir: &LocalPath,
         job_id: &str,
         names: &[String],
+        stop: &AtomicBool,
     ) -> Result<(), OutputError> {
         let mut uploaded = Vec::with_capacity(names.len());
         for name in names {
             let relative = format!("{job_id}/{name}");
-            if let Err(e) = self.upload(&dir.join(name), &relative).await {
+            if let Err(e) = self.upload(&dir.join(name), &relative, stop).await {
                 self.delete(&uploaded).await;
                 return Err(e);
             }

@@ -19,6 +19,8 @@ pub struct ExportSettings {
     pub ttl: Duration,
     pub max_active_exports: u64,
     pub rows_per_unit: u64,
+    /// How long a claimed export unit stays claimed without a renewal.
+    pub lease: Duration,
     /// Where finished export files are kept (default: the data directory).
     pub output: hearth_export::Output,
 }
@@ -31,6 +33,7 @@ impl Default for ExportSettings {
             ttl: Duration::from_secs(24 * 3600),
             max_active_exports: 16,
             rows_per_unit: 100_000,
+            lease: hearth_export::DEFAULT_LEASE,
             output: hearth_export::Output::Local,
         }
     }
@@ -76,6 +79,7 @@ impl Embedded {
                 max_active_exports: export.max_active_exports,
                 requires_access_token: auth.is_on(),
                 rows_per_unit: export.rows_per_unit,
+                lease: export.lease,
             },
         )
         .await?;

@@ -4,7 +4,6 @@
 mod bundle;
 mod export;
 mod helpers;
-mod moto;
 mod patient_export;
 mod rest;
 mod s3_output;

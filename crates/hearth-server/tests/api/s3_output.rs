@@ -7,12 +7,12 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use hearth_export::testing::{MIN_PART_SIZE, Moto, objects};
 use hearth_server::ExportSettings;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
-use crate::moto::{MIN_PART_SIZE, Moto, objects};
 
 const PREFIX: &str = "hearth/exports";
 
@@ -487,5 +487,67 @@ async fn s3_files_larger_than_a_part_upload_in_parts() {
         &lines_by_type(&server, &manifest, "output").await,
         &lines_by_type(&local, &local_manifest, "output").await,
         "Observation",
+    );
+}
+
+/// A cancel must not wait for a large file's upload: told to stop, an upload ends at its next
+/// chunk with `Stopped` and aborts its multipart upload, so the bucket keeps neither the object
+/// nor its parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_an_upload_told_to_stop_leaves_nothing_behind() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let bucket = "stopped";
+    let test = "s3_an_upload_told_to_stop_leaves_nothing_behind";
+    let Some(moto) = Moto::start(test, bucket).await else {
+        return;
+    };
+    let mut settings = moto.output(bucket, PREFIX);
+    settings.part_size = MIN_PART_SIZE;
+    let hearth_export::Output::Object(object) = settings.build().expect("valid settings") else {
+        panic!("object storage output");
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    // About 1,000 parts of 16 KiB: moto takes seconds for them; the flag comes after 200 ms.
+    let line = format!(
+        "{{\"resourceType\":\"Basic\",\"id\":\"{}\"}}\n",
+        "x".repeat(1000)
+    );
+    std::fs::write(dir.path().join("big.ndjson"), line.repeat(16 * 1024)).expect("a file");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        flag.store(true, Ordering::Relaxed);
+    });
+    let started = Instant::now();
+    let uploaded = object
+        .upload_files(dir.path(), "job", &["big.ndjson".to_owned()], &stop)
+        .await;
+    stopper.await.expect("the stopper");
+    assert!(
+        matches!(uploaded, Err(hearth_export::OutputError::Stopped)),
+        "{uploaded:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the upload took {:?} to stop",
+        started.elapsed()
+    );
+    let left = objects(&moto.store(bucket), PREFIX).await;
+    assert!(left.is_empty(), "{left:?}");
+    // ListMultipartUploads: an upload begun and never completed or aborted is listed.
+    let uploads = reqwest::get(format!("{}/{bucket}?uploads", moto.endpoint))
+        .await
+        .expect("moto answers")
+        .text()
+        .await
+        .expect("a listing");
+    assert!(!uploads.contains("<UploadId>"), "{uploads}");
+    assert!(
+        dir.path().join("big.ndjson").exists(),
+        "the staged file is the caller's to remove"
     );
 }

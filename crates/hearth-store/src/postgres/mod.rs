@@ -46,7 +46,9 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?.application_name("hearth");
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            // Each export worker holds one connection while it scans and takes another for its
+            // lease and cancel checks; HTTP requests need the rest.
+            .max_connections(32)
             .min_connections(1)
             .after_connect(|conn, _| {
                 Box::pin(async move {
@@ -69,9 +71,11 @@ impl PgStore {
         })
     }
 
-    /// Refreshes the planner's statistics; worth it after a bulk load.
-    pub async fn analyze(&self) -> Result<(), StoreError> {
-        sqlx::query("ANALYZE resource_version, compartment_member")
+    /// Settles freshly loaded tables: statistics for the planner, and the visibility map, without
+    /// which counting a type's rows (export planning) reads every heap page and the first
+    /// export rewrites every page to set hint bits.
+    pub async fn settle_after_load(&self) -> Result<(), StoreError> {
+        sqlx::query("VACUUM (ANALYZE) resource_version, compartment_member")
             .execute(&self.pool)
             .await?;
         Ok(())

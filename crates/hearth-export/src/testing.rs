@@ -1,5 +1,7 @@
-//! A real S3-compatible server for the object storage tests: `moto_server` (PyPI `moto[server]`)
-//! on a free loopback port, one per test, killed when dropped.
+//! A real S3-compatible server for object storage tests: `moto_server` (PyPI `moto[server]`) on
+//! a free loopback port, one per test, killed when dropped. Here rather than in a test crate
+//! because the in-process API tests (hearth-server) and the multi-process tests (hearth) both
+//! need it; built only with the `testing` feature, which those crates enable as dev-dependency.
 //!
 //! Without `moto_server` the tests say so on stderr and pass, unless `HEARTH_REQUIRE_S3=1`
 //! (as CI sets it), when they fail.
@@ -8,19 +10,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_export::OutputSettings;
 use object_store::ObjectMeta;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
+
+use crate::OutputSettings;
 
 /// Multipart parts may be this small on the test server (S3 itself wants 5 MiB), so a test
 /// file of a few hundred KiB already takes several parts.
 pub const MIN_PART_SIZE: usize = 16 * 1024;
 
-const ACCESS_KEY: &str = "hearth-test";
-const SECRET_KEY: &str = "hearth-test-secret";
-const REGION: &str = "us-east-1";
+/// The credentials and region clients of the test server use (moto accepts any).
+pub const ACCESS_KEY: &str = "hearth-test";
+pub const SECRET_KEY: &str = "hearth-test-secret";
+pub const REGION: &str = "us-east-1";
 
+/// A running `moto_server`.
 pub struct Moto {
     child: Child,
     /// `http://127.0.0.1:<port>`.
