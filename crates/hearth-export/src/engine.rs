@@ -725,7 +725,7 @@ impl Inner {
         }
     }
 
-    fn run_unit(&self, unit: ClaimedUnit) {
+    fn run_unit(self: &Arc<Self>, unit: ClaimedUnit) {
         let started = Instant::now();
         match self.write_unit(&unit) {
             Ok(Ok(written)) => {
@@ -755,12 +755,13 @@ impl Inner {
     /// Streams one unit into files and commits them. The outer error fails the job; the
     /// inner one means the unit was given up (its files removed) without failing anything.
     fn write_unit(
-        &self,
+        self: &Arc<Self>,
         unit: &ClaimedUnit,
     ) -> Result<Result<u64, Abandon>, Box<dyn std::error::Error + Send + Sync>> {
         let dir = self.config.export_dir.join(&unit.job_id);
         std::fs::create_dir_all(&dir)?;
         remove_earlier_attempts(&dir, unit.unit_no);
+        let heartbeat = self.start_heartbeat(unit);
         let request: ExportRequest = serde_json::from_str(&unit.request)?;
         let mut policy = RowPolicy::new(&request);
         if unit.kind == UnitKind::Provenance {
@@ -813,8 +814,6 @@ impl Inner {
         let mut files = UnitFiles::new(&dir, unit, self.config.max_file_bytes, record_keys)?;
         let mut rows = 0u64;
         let mut written_rows = 0u64;
-        let mut last_renewal = Instant::now();
-        let mut last_status_check = Instant::now();
         let mut abandon = None;
         let mut line = Vec::new();
         let scanned = self.backend.scan_unit(unit, &mut |row| {
@@ -836,30 +835,12 @@ impl Inner {
             if rows.is_multiple_of(CHECK_EVERY_ROWS) {
                 if self.shutdown.load(Ordering::Relaxed) {
                     abandon = Some(Abandon::Shutdown);
-                } else if self.is_cancelled(&unit.job_id) {
+                } else if heartbeat.cancelled.load(Ordering::Relaxed)
+                    || self.is_cancelled(&unit.job_id)
+                {
                     abandon = Some(Abandon::Cancelled);
-                } else if last_status_check.elapsed() > CANCEL_CHECK_EVERY {
-                    // A DELETE answered by another process reaches this one only
-                    // through the job row.
-                    last_status_check = Instant::now();
-                    let (backend, job_id) = (Arc::clone(&self.backend), unit.job_id.clone());
-                    match self.wait_in_scan(async move { backend.job(&job_id).await })? {
-                        Ok(Some(job)) if job.status == JobStatus::Running => {}
-                        Ok(_) => abandon = Some(Abandon::Cancelled),
-                        Err(e) => return Err(std::io::Error::other(e)),
-                    }
-                } else if last_renewal.elapsed() > self.config.lease / 3 {
-                    // At a third of the lease (10 s of the default 30 s): a renewal held up
-                    // by a slow store still lands before another process may take over.
-                    let until = now_micros() + micros(self.config.lease);
-                    let (backend, claimed) = (Arc::clone(&self.backend), unit.clone());
-                    match self
-                        .wait_in_scan(async move { backend.renew_lease(&claimed, until).await })?
-                    {
-                        Ok(true) => last_renewal = Instant::now(),
-                        Ok(false) => abandon = Some(Abandon::LeaseLost),
-                        Err(e) => return Err(std::io::Error::other(e)),
-                    }
+                } else if heartbeat.lease_lost.load(Ordering::Relaxed) {
+                    abandon = Some(Abandon::LeaseLost);
                 }
             }
             Ok(abandon.is_none())
@@ -887,7 +868,7 @@ impl Inner {
                 tokio::pin!(upload);
                 tokio::select! {
                     uploaded = &mut upload => uploaded,
-                    () = self.until_cancelled(&unit.job_id) => {
+                    () = heartbeat.until_cancelled() => {
                         // The upload stops at its next chunk and removes what it stored.
                         stop.store(true, Ordering::Relaxed);
                         upload.await
@@ -952,39 +933,51 @@ impl Inner {
         }
     }
 
-    /// Returns once `job_id` is cancelled, through this process or (as its row says) any
-    /// other: checked at once (the scan's last check may be 400 ms old) and then as often as
-    /// a scan checks, for the work between scan and commit.
-    async fn until_cancelled(&self, job_id: &str) {
-        loop {
-            if self.is_cancelled(job_id) {
-                return;
-            }
-            // A store error leaves the decision to the commit, which is fenced anyway.
-            if let Ok(job) = self.backend.job(job_id).await
-                && job.is_none_or(|job| job.status != JobStatus::Running)
-            {
-                return;
-            }
-            tokio::time::sleep(CANCEL_CHECK_EVERY).await;
+    /// Starts the task that keeps `unit`'s lease and watches its job while a worker writes it.
+    /// It runs beside the work, so a slow disk, a long upload or a large row cannot make the
+    /// lease lapse, and the worker only reads two flags between rows.
+    fn start_heartbeat(self: &Arc<Self>, unit: &ClaimedUnit) -> Heartbeat {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let lease_lost = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (engine, unit) = (Arc::clone(self), unit.clone());
+            let (cancelled, lease_lost) = (Arc::clone(&cancelled), Arc::clone(&lease_lost));
+            self.runtime.spawn(async move {
+                let mut last_renewal = Instant::now();
+                loop {
+                    tokio::time::sleep(CANCEL_CHECK_EVERY).await;
+                    // A DELETE answered by another process reaches this one only through the
+                    // job row. A store error leaves the decision to the fenced commit.
+                    let gone = engine.is_cancelled(&unit.job_id)
+                        || matches!(engine.backend.job(&unit.job_id).await,
+                            Ok(job) if job.as_ref().is_none_or(|job| job.status != JobStatus::Running));
+                    if gone {
+                        cancelled.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    // At a third of the lease (10 s of the default 30 s): a renewal held up by
+                    // a slow store still lands before another process may take over.
+                    if last_renewal.elapsed() > engine.config.lease / 3 {
+                        let until = now_micros() + micros(engine.config.lease);
+                        match engine.backend.renew_lease(&unit, until).await {
+                            Ok(true) => last_renewal = Instant::now(),
+                            Ok(false) => {
+                                lease_lost.store(true, Ordering::Relaxed);
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(job = %unit.job_id, unit = unit.unit_no, error = %e, "cannot renew a lease; retrying");
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        Heartbeat {
+            cancelled,
+            lease_lost,
+            task,
         }
-    }
-
-    /// Runs `future` on the runtime and waits for its output, from a scan's row callback. A
-    /// store may call that callback from inside its own `block_on` on this thread (the
-    /// PostgreSQL scan did), where a second `block_on` panics and the worker thread dies with
-    /// its unit still leased; so the future runs as a task, and this thread only waits.
-    fn wait_in_scan<T: Send + 'static>(
-        &self,
-        future: impl Future<Output = T> + Send + 'static,
-    ) -> std::io::Result<T> {
-        let (answer, answered) = std::sync::mpsc::sync_channel(1);
-        self.runtime.spawn(async move {
-            let _ = answer.send(future.await);
-        });
-        answered
-            .recv()
-            .map_err(|_| std::io::Error::other("a store call ended without an answer"))
     }
 
     /// Builds and stores the manifest of a job whose units are all done.
@@ -1013,6 +1006,28 @@ impl Inner {
 
 /// Export work is background work: a busy export must not slow status requests and REST
 /// reads, which run on the async workers at normal priority.
+/// What a unit's heartbeat task found; the task ends when the unit's work does.
+struct Heartbeat {
+    cancelled: Arc<AtomicBool>,
+    lease_lost: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Returns once the job is cancelled (through any process).
+    async fn until_cancelled(&self) {
+        while !self.cancelled.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: gettid and setpriority only read their arguments; a failure leaves the priority
