@@ -102,7 +102,16 @@ async fn concurrent_writers_never_leave_a_gap_below_an_export_snapshot() {
                     snapshot.seq
                 );
                 windows.extend(exported_ids(&store, previous, snapshot.seq).await);
-                previous = snapshot.seq;
+                // The next export asks for `_since` = this one's transactionTime, which the
+                // engine maps to a sequence number: it must land exactly on this snapshot.
+                previous = store
+                    .seq_at(snapshot.transaction_time)
+                    .await
+                    .expect("seq_at answers");
+                assert_eq!(
+                    previous, snapshot.seq,
+                    "_since = transactionTime maps to the snapshot's sequence number"
+                );
                 if finished {
                     return (windows, previous);
                 }
@@ -129,5 +138,49 @@ async fn concurrent_writers_never_leave_a_gap_below_an_export_snapshot() {
         from_windows, all_written,
         "the incremental exports together hold exactly the committed writes"
     );
+    store.close().await.expect("the store closes");
+}
+
+/// The mechanism behind the test above, without relying on a race: while a writer holds the
+/// clock (it has taken sequence numbers and not committed), a snapshot waits for it instead of
+/// handing out a high-water mark above an uncommitted write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_waits_for_a_writer_that_holds_sequence_numbers() {
+    use sqlx::{Connection, PgConnection};
+    let Some(url) = hearth_store::postgres::testing::fresh_database_url().await else {
+        return;
+    };
+    let store = Arc::new(PgStore::connect(&url).await.expect("the store opens"));
+    store
+        .write(vec![observation("before")], BatchMode::Independent)
+        .await
+        .expect("a first write");
+
+    // A writer in the middle of its transaction, as `Store::write` leaves it between taking
+    // numbers and committing.
+    let mut writer = PgConnection::connect(&url)
+        .await
+        .expect("a second connection");
+    let mut transaction = writer.begin().await.expect("begin");
+    sqlx::query("SELECT next_seq FROM store_clock WHERE id = 1 FOR UPDATE")
+        .execute(&mut *transaction)
+        .await
+        .expect("the clock row is taken");
+
+    let snapshot = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { store.snapshot().await.expect("a snapshot") }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !snapshot.is_finished(),
+        "a snapshot was taken while a writer held uncommitted sequence numbers"
+    );
+    transaction.commit().await.expect("the writer commits");
+    let snapshot = tokio::time::timeout(std::time::Duration::from_secs(5), snapshot)
+        .await
+        .expect("the snapshot follows the commit")
+        .expect("the snapshot task ends");
+    assert_eq!(snapshot.seq, 1);
     store.close().await.expect("the store closes");
 }
