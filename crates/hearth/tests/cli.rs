@@ -1,45 +1,15 @@
 //! The `hearth` binary as a user runs it: `hearth load`, and `hearth serve` refusing a bad
 //! combination of flags.
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::process::Output;
+use std::sync::Arc;
+
+use common::hearth;
 use hearth_store::{SqliteStore, Store};
 use tempfile::TempDir;
-
-/// Runs `hearth` with `args`, its environment cleared of `HEARTH_*` settings, and waits at
-/// most a minute.
-fn hearth(args: &[&std::ffi::OsStr]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HEARTH_") {
-            command.env_remove(name);
-        }
-    }
-    let mut child = command.spawn().expect("hearth starts");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if child.try_wait().expect("waiting for hearth").is_some() {
-            return child.wait_with_output().expect("hearth's output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("hearth's output");
-            panic!(
-                "hearth did not finish within a minute; stderr: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn load(input: &Path, data: &Path) -> Output {
     hearth(&[

@@ -1,38 +1,14 @@
 //! `hearth clients add|list|remove`, and `hearth serve` with `--auth` and `--tls-*`, as a user
 //! runs them.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{free_port, hearth, hearth_command};
 use tempfile::TempDir;
-
-/// Runs `hearth` with `args` (environment cleared of `HEARTH_*`), at most a minute.
-fn hearth(args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HEARTH_") {
-            command.env_remove(name);
-        }
-    }
-    let mut child = command.spawn().expect("hearth starts");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if child.try_wait().expect("waiting for hearth").is_some() {
-            return child.wait_with_output().expect("hearth's output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("hearth {args:?} did not finish within a minute");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn text(output: &Output) -> String {
     format!(
@@ -221,36 +197,28 @@ fn serve_with_auth_and_tls_answers_https_discovery() {
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    // A free port for the server (released just before it binds).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let base = format!("https://localhost:{port}/fhir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args([
-            "serve",
-            "--addr",
-            &addr,
-            "--data",
-            path(&data),
-            "--base-url",
-            &base,
-            "--auth",
-            "smart",
-            "--tls-cert",
-            path(&cert),
-            "--tls-key",
-            path(&key),
-        ])
-        .env_remove("HEARTH_AUTH")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("hearth serve starts");
+    let mut child = hearth_command(&[
+        "serve",
+        "--addr",
+        &addr,
+        "--data",
+        path(&data),
+        "--base-url",
+        &base,
+        "--auth",
+        "smart",
+        "--tls-cert",
+        path(&cert),
+        "--tls-key",
+        path(&key),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("hearth serve starts");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -2,13 +2,16 @@
 //! with a JSON summary, a refused kick-off, and Ctrl-C, which cancels the job on the server
 //! (or, with `--detach`, leaves it to `--resume`).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::hearth_command;
 use hearth_load::{BatchLimits, LoadObserver, Rejection, Target};
 use hearth_server::{Embedded, ExportSettings, ServerConfig};
 use hearth_store::SqliteStore;
@@ -109,19 +112,12 @@ impl Drop for Export {
 
 impl Export {
     fn start(args: &[&str]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
-        command
-            .arg("export")
+        let mut child = hearth_command(&["export"])
             .args(args)
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("HEARTH_") {
-                command.env_remove(name);
-            }
-        }
-        let mut child = command.spawn().expect("hearth starts");
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hearth starts");
         let stderr = child.stderr.take().expect("stderr");
         let (sender, receiver) = mpsc::channel();
         std::thread::spawn(move || {

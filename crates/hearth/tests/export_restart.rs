@@ -4,14 +4,18 @@
 //! directory finishes the job without redoing the units that were done, and the result is
 //! exactly the population, the same as an export that was never interrupted.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::StatusCode;
+use common::{
+    Poll, TIMEOUT, assert_no_deleted_or_error, free_port, hearth_command, hearth_ok, http_client,
+    job_id, kick_off, load_summary, poll, wait_done,
+};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tempfile::TempDir;
@@ -22,8 +26,6 @@ type Key = (String, String);
 const PATIENTS: &str = "150";
 const SEED: &str = "7";
 const UNIT_ROWS: &str = "1000";
-/// Longest wait for a server to answer, or for an export to complete.
-const TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the status URL is polled while waiting for the job to be half done.
 const FAST_POLL: Duration = Duration::from_millis(5);
 /// The server is killed at the first poll that shows at least this much progress (and not
@@ -31,55 +33,6 @@ const FAST_POLL: Duration = Duration::from_millis(5);
 const KILL_AT_PERCENT: u64 = 25;
 /// Kick-offs tried before giving up catching a job mid-way (it may finish between two polls).
 const ATTEMPTS: usize = 3;
-
-/// A `hearth` command with its environment cleared of `HEARTH_*` settings.
-fn hearth_command(args: &[&std::ffi::OsStr]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
-    command.args(args).stdin(Stdio::null());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HEARTH_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
-
-/// Runs `hearth` to completion (at most a minute) and asserts it succeeded.
-fn hearth(args: &[&std::ffi::OsStr]) -> Output {
-    let mut child = hearth_command(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("hearth starts");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let output = loop {
-        if child.try_wait().expect("waiting for hearth").is_some() {
-            break child.wait_with_output().expect("hearth's output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("hearth's output");
-            panic!(
-                "hearth {args:?} did not finish within a minute; stderr: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(
-        output.status.success(),
-        "hearth {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
-}
 
 /// A `hearth serve` process; killed and reaped when dropped, also when the test fails.
 struct Server {
@@ -109,32 +62,9 @@ impl Server {
         Self { child, log }
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
     /// Waits until `GET [base]/metadata` answers 200.
     async fn wait_ready(&mut self, client: &reqwest::Client, base: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("the server process") {
-                panic!("hearth serve exited ({status}): {}", self.log());
-            }
-            let answered = client
-                .get(format!("{base}/metadata"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
-            if answered.is_ok_and(|r| r.status() == StatusCode::OK) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hearth serve did not answer within {TIMEOUT:?}: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::wait_ready(&mut self.child, client, base, "hearth serve", &self.log).await;
     }
 
     /// SIGKILL, then reap; returns the instant after which the process wrote nothing.
@@ -179,21 +109,6 @@ fn population(dir: &Path) -> BTreeSet<Key> {
     keys
 }
 
-/// Per-type `created` counts from the summary `hearth load` prints.
-fn load_summary(stdout: &str) -> BTreeMap<String, u64> {
-    let mut counts = BTreeMap::new();
-    for line in stdout.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() == 5
-            && fields[1] != "created"
-            && let Ok(created) = fields[1].parse::<u64>()
-        {
-            counts.insert(fields[0].to_owned(), created);
-        }
-    }
-    counts
-}
-
 /// `X-Progress` like `41% (77,512 of 189,111 resources)`: percent, done, total.
 fn parse_progress(text: &str) -> (u64, u64, u64) {
     let parse = || -> Option<(u64, u64, u64)> {
@@ -206,72 +121,6 @@ fn parse_progress(text: &str) -> (u64, u64, u64) {
     parse().unwrap_or_else(|| {
         panic!("X-Progress '{text}' is not like '41% (77,512 of 189,111 resources)'")
     })
-}
-
-/// One poll of a status URL.
-enum Poll {
-    Running { progress: String },
-    Done(Value),
-}
-
-async fn poll(client: &reqwest::Client, status_url: &str) -> Poll {
-    let response = client
-        .get(status_url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {status_url} is not answered: {e}"));
-    let status = response.status();
-    let progress = response
-        .headers()
-        .get("x-progress")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let text = response.text().await.expect("a readable body");
-    match status {
-        StatusCode::ACCEPTED => Poll::Running {
-            progress: progress
-                .unwrap_or_else(|| panic!("a 202 from {status_url} without X-Progress")),
-        },
-        StatusCode::OK => Poll::Done(
-            serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("the manifest is not JSON ({e}): {text}")),
-        ),
-        other => panic!("GET {status_url} answered {other}: {text}"),
-    }
-}
-
-async fn kick_off(client: &reqwest::Client, base: &str) -> String {
-    let url = format!("{base}/$export");
-    let response = client
-        .get(&url)
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .send()
-        .await
-        .expect("the kick-off is answered");
-    let status = response.status();
-    let location = response
-        .headers()
-        .get("content-location")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let text = response.text().await.unwrap_or_default();
-    assert_eq!(status, StatusCode::ACCEPTED, "GET {url}: {text}");
-    location.unwrap_or_else(|| panic!("the kick-off has no Content-Location"))
-}
-
-async fn wait_done(client: &reqwest::Client, status_url: &str) -> Value {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Poll::Done(manifest) = poll(client, status_url).await {
-            return manifest;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{status_url} did not complete within {TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Every file of a manifest, as downloaded.
@@ -317,13 +166,7 @@ impl Downloaded {
 }
 
 async fn download(client: &reqwest::Client, base: &str, manifest: &Value) -> Downloaded {
-    for name in ["deleted", "error"] {
-        assert_eq!(
-            manifest[name].as_array().map(Vec::len),
-            Some(0),
-            "a full export has no {name}: {manifest}"
-        );
-    }
+    assert_no_deleted_or_error(manifest);
     let mut downloaded = Downloaded {
         files: Vec::new(),
         lines: Vec::new(),
@@ -335,9 +178,7 @@ async fn download(client: &reqwest::Client, base: &str, manifest: &Value) -> Dow
             url.starts_with(&format!("{base}/Binary/")),
             "{url} is not under {base}"
         );
-        let response = client.get(url).send().await.expect("a download");
-        assert_eq!(response.status(), StatusCode::OK, "GET {url}");
-        let body = response.bytes().await.expect("a body").to_vec();
+        let body = common::download(client, url).await;
         let text = std::str::from_utf8(&body).expect("UTF-8 NDJSON");
         let mut count = 0;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -408,10 +249,7 @@ async fn kill_mid_export(server: &mut Server, client: &reqwest::Client, base: &s
                     let (percent, done, total) = parse_progress(&progress);
                     if percent >= KILL_AT_PERCENT && done < total {
                         let killed_at = server.kill();
-                        let job_id = status_url
-                            .split_once("_jobId=")
-                            .map(|(_, id)| id.to_owned())
-                            .expect("a _jobId in the status URL");
+                        let job_id = job_id(&status_url);
                         return Interrupted {
                             status_url,
                             job_id,
@@ -445,7 +283,7 @@ async fn an_export_interrupted_by_sigkill_completes_after_restart_without_redoin
     let data = tmp.path().join("data");
 
     // The population, generated and loaded with the binary.
-    hearth(&[
+    hearth_ok(&[
         "synth".as_ref(),
         "--patients".as_ref(),
         PATIENTS.as_ref(),
@@ -455,7 +293,7 @@ async fn an_export_interrupted_by_sigkill_completes_after_restart_without_redoin
         SEED.as_ref(),
     ]);
     let population = population(&synth);
-    let loaded = hearth(&[
+    let loaded = hearth_ok(&[
         "load".as_ref(),
         synth.as_os_str(),
         "--data".as_ref(),
@@ -478,10 +316,7 @@ async fn an_export_interrupted_by_sigkill_completes_after_restart_without_redoin
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}/fhir");
     let mut first = Server::start(&data, port, tmp.path().join("serve-1.log"));
-    let client = reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .build()
-        .expect("client");
+    let client = http_client();
     first.wait_ready(&client, &base).await;
     for (resource_type, count) in &expected {
         let url = format!("{base}/{resource_type}?_summary=count");
@@ -512,10 +347,7 @@ async fn an_export_interrupted_by_sigkill_completes_after_restart_without_redoin
 
     // The same data directory, the same port, the same status URL.
     let mut second = Server::start(&data, port, tmp.path().join("serve-2.log"));
-    let client = reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .build()
-        .expect("client");
+    let client = http_client();
     second.wait_ready(&client, &base).await;
     let manifest = wait_done(&client, &interrupted.status_url).await;
     let resumed = download(&client, &base, &manifest).await;

@@ -8,15 +8,20 @@
 //! Without PostgreSQL or moto_server the tests say "skipped" on stderr and pass, unless
 //! `HEARTH_REQUIRE_POSTGRES=1` / `HEARTH_REQUIRE_S3=1` (as CI sets them).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{
+    TIMEOUT, assert_no_deleted_or_error, download, free_port, hearth_command, hearth_ok,
+    http_client, job_id, kick_off, kick_off_with, load_summary, wait_done, wait_ready,
+};
 use hearth_export::testing::{self, Moto, objects};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -25,8 +30,6 @@ use tempfile::TempDir;
 
 const BUCKET: &str = "hearth-scale-out";
 const PREFIX: &str = "exports";
-/// Longest wait for a server to answer, or for an export to complete.
-const TIMEOUT: Duration = Duration::from_secs(30);
 /// The instances' export lease: after a SIGKILL, the other instance may take the dead one's
 /// units over this long after their last renewal (30 s by default would dominate the test).
 const LEASE_SECS: &str = "3";
@@ -43,70 +46,6 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 /// test.
 fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// A `hearth` command with its environment cleared of `HEARTH_*` settings.
-fn hearth_command(args: &[&OsStr]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
-    command.args(args).stdin(Stdio::null());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HEARTH_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
-
-/// Runs `hearth` to completion (at most a minute), asserts it succeeded and returns stdout.
-fn hearth(args: &[&OsStr]) -> String {
-    let mut child = hearth_command(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("hearth starts");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let output = loop {
-        if child.try_wait().expect("waiting for hearth").is_some() {
-            break child.wait_with_output().expect("hearth's output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("hearth's output");
-            panic!(
-                "hearth {args:?} did not finish within a minute; stderr: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(
-        output.status.success(),
-        "hearth {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// Per-type `created` counts from the summary `hearth load` prints.
-fn load_summary(stdout: &str) -> BTreeMap<String, u64> {
-    let mut counts = BTreeMap::new();
-    for line in stdout.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() == 5
-            && fields[1] != "created"
-            && let Ok(created) = fields[1].parse::<u64>()
-        {
-            counts.insert(fields[0].to_owned(), created);
-        }
-    }
-    counts
 }
 
 /// One `hearth serve` process of the cluster; killed and reaped when dropped, also when the
@@ -198,10 +137,7 @@ impl Cluster {
         let pool = PgPool::connect(&database)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to the test database: {e}"));
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
-            .expect("client");
+        let client = http_client();
         Some(Self {
             instances: Vec::new(),
             moto,
@@ -215,7 +151,7 @@ impl Cluster {
     /// `hearth synth` into a directory of the test.
     fn synthesize(&self, patients: u64) -> PathBuf {
         let out = self.tmp.path().join("synth");
-        hearth(&[
+        hearth_ok(&[
             "synth".as_ref(),
             "--patients".as_ref(),
             patients.to_string().as_ref(),
@@ -230,12 +166,13 @@ impl Cluster {
     /// `hearth load --database` (the schema is created by whoever connects first); returns the
     /// per-type counts it reports.
     fn load(&self, dir: &Path) -> BTreeMap<String, u64> {
-        let stdout = hearth(&[
+        let output = hearth_ok(&[
             "load".as_ref(),
             dir.as_os_str(),
             "--database".as_ref(),
             self.database.as_ref(),
         ]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
         let counts = load_summary(&stdout);
         assert!(
             !counts.is_empty(),
@@ -288,30 +225,14 @@ impl Cluster {
             log,
             id: String::new(),
         };
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = instance.child.try_wait().expect("the server process") {
-                panic!(
-                    "hearth serve {name} exited ({status}): {}",
-                    instance.log_text()
-                );
-            }
-            let answered = self
-                .client
-                .get(format!("{}/metadata", instance.base))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
-            if answered.is_ok_and(|r| r.status() == StatusCode::OK) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hearth serve {name} did not answer within {TIMEOUT:?}: {}",
-                instance.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_ready(
+            &mut instance.child,
+            &self.client,
+            &instance.base,
+            &format!("hearth serve {name}"),
+            &instance.log,
+        )
+        .await;
         // The engine logs its id before the server listens.
         instance.id = instance
             .events()
@@ -377,39 +298,6 @@ fn on(base: &str, url: &str) -> String {
     format!("{base}/{path}")
 }
 
-fn job_id(status_url: &str) -> String {
-    status_url
-        .split_once("_jobId=")
-        .map(|(_, id)| id.to_owned())
-        .unwrap_or_else(|| panic!("no _jobId in {status_url}"))
-}
-
-/// A system export kicked off at `base`; returns the status URL.
-async fn kick_off(client: &reqwest::Client, base: &str) -> String {
-    kick_off_with(client, base, "").await
-}
-
-/// [`kick_off`] with a query string (`?_type=Patient`).
-async fn kick_off_with(client: &reqwest::Client, base: &str, query: &str) -> String {
-    let url = format!("{base}/$export{query}");
-    let response = client
-        .get(&url)
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .send()
-        .await
-        .expect("the kick-off is answered");
-    let status = response.status();
-    let location = response
-        .headers()
-        .get("content-location")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let text = response.text().await.unwrap_or_default();
-    assert_eq!(status, StatusCode::ACCEPTED, "GET {url}: {text}");
-    location.unwrap_or_else(|| panic!("the kick-off has no Content-Location"))
-}
-
 /// The status code and body of a GET or DELETE.
 async fn request(
     client: &reqwest::Client,
@@ -423,36 +311,6 @@ async fn request(
         .unwrap_or_else(|e| panic!("{method} {url} is not answered: {e}"));
     let status = response.status();
     (status, response.text().await.unwrap_or_default())
-}
-
-/// Polls `status_url` until the manifest comes (200); any answer but 202 or 200 fails.
-async fn wait_done(client: &reqwest::Client, status_url: &str) -> Value {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match request(client, reqwest::Method::GET, status_url).await {
-            (StatusCode::OK, text) => {
-                return serde_json::from_str(&text)
-                    .unwrap_or_else(|e| panic!("the manifest is not JSON ({e}): {text}"));
-            }
-            (StatusCode::ACCEPTED, _) => {}
-            (other, text) => panic!("GET {status_url} answered {other}: {text}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{status_url} did not complete within {TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn download(client: &reqwest::Client, url: &str) -> Vec<u8> {
-    let response = client
-        .get(url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url} is not answered: {e}"));
-    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
-    response.bytes().await.expect("a body").to_vec()
 }
 
 /// The non-empty lines of an NDJSON file, checked to be `resource_type` resources and as many
@@ -484,13 +342,7 @@ async fn output_lines(
     base: &str,
     manifest: &Value,
 ) -> BTreeMap<String, Vec<String>> {
-    for name in ["deleted", "error"] {
-        assert_eq!(
-            manifest[name].as_array().map(Vec::len),
-            Some(0),
-            "a full export has no {name}: {manifest}"
-        );
-    }
+    assert_no_deleted_or_error(manifest);
     let mut by_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for item in manifest["output"].as_array().expect("an output array") {
         let url = on(base, item["url"].as_str().expect("a url"));
