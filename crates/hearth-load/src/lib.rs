@@ -14,8 +14,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use hearth_fhir::envelope::{IdPolicy, prepare};
-use hearth_store::{BatchMode, Store, WriteKind, WriteOp};
+use hearth_store::{Store, WriteError, WriteKind, WriteOp, Written};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -136,24 +138,40 @@ pub async fn load(
         files: file_count,
         ..LoadReport::default()
     };
+    // A store takes the next batch while earlier ones wait for their commit, so it can fold
+    // them into one; results are counted in batch order as commits come back.
+    let mut committing = FuturesOrdered::new();
     while let Some(message) = receiver.recv().await {
         match message {
             Message::Rejected(rejection) => {
                 report.rejected += 1;
                 observer.rejected(&rejection);
             }
-            Message::Batch(batch) => {
-                match &target {
-                    Target::Store(store) => {
-                        write_to_store(store.as_ref(), batch, &mut report).await?
-                    }
-                    Target::Server { base_url, client } => {
-                        send_to_server(client, base_url, batch, &mut report, observer).await?
+            Message::Batch(batch) => match &target {
+                Target::Store(store) => {
+                    let pending = store.write_queued(batch.ops).await?;
+                    let bytes = batch.bytes;
+                    committing.push_back(async move {
+                        pending
+                            .committed()
+                            .await
+                            .map(|results| StoreWritten { results, bytes })
+                    });
+                    while let Some(Some(written)) = committing.next().now_or_never() {
+                        count_written(written?, &mut report);
+                        observer.progress(&report);
                     }
                 }
-                observer.progress(&report);
-            }
+                Target::Server { base_url, client } => {
+                    send_to_server(client, base_url, batch, &mut report, observer).await?;
+                    observer.progress(&report);
+                }
+            },
         }
+    }
+    while let Some(written) = committing.next().await {
+        count_written(written?, &mut report);
+        observer.progress(&report);
     }
     reader
         .join()
@@ -224,17 +242,17 @@ fn count(report: &mut LoadReport, resource_type: &str, kind: WriteKind) {
     report.loaded += 1;
 }
 
-async fn write_to_store(
-    store: &dyn Store,
-    batch: Batch,
-    report: &mut LoadReport,
-) -> Result<(), LoadError> {
-    let results = store.write(batch.ops, BatchMode::Independent).await?;
-    for written in results.into_iter().flatten() {
+/// What one batch written to a store did.
+struct StoreWritten {
+    results: Vec<Result<Written, WriteError>>,
+    bytes: u64,
+}
+
+fn count_written(written: StoreWritten, report: &mut LoadReport) {
+    for written in written.results.into_iter().flatten() {
         count(report, written.resource_type, written.kind);
     }
-    report.bytes += batch.bytes;
-    Ok(())
+    report.bytes += written.bytes;
 }
 
 #[derive(Deserialize)]

@@ -26,7 +26,8 @@ use hearth_fhir::instant::Micros;
 
 pub use error::{StoreError, WriteError};
 pub use model::{
-    BatchMode, SearchPage, SearchQuery, Seq, StoredVersion, WriteKind, WriteOp, Written,
+    BatchMode, PendingWrite, SearchPage, SearchQuery, Seq, StoredVersion, WriteKind, WriteOp,
+    Written,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -78,6 +79,15 @@ pub trait Store: Send + Sync + 'static {
         ops: Vec<WriteOp>,
         mode: BatchMode,
     ) -> Result<Vec<Result<Written, WriteError>>, StoreError>;
+
+    /// For bulk loads: applies `ops` as [`BatchMode::Independent`], returning once the store has
+    /// taken them (their memory is free to reuse), with a handle that resolves at the commit.
+    /// A store may then fold the batches that keep arriving into one commit.
+    async fn write_queued(&self, ops: Vec<WriteOp>) -> Result<PendingWrite, StoreError> {
+        Ok(PendingWrite::done(
+            self.write(ops, BatchMode::Independent).await,
+        ))
+    }
 
     /// The newest version of a resource, which may be a tombstone.
     async fn read(

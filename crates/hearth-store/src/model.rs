@@ -97,3 +97,38 @@ pub struct SearchPage {
     /// The cursor for the next page, when there is one.
     pub next_after_seq: Option<Seq>,
 }
+
+/// The outcome of a write that a store has taken but may not have committed yet (see
+/// [`crate::Store::write_queued`]).
+pub struct PendingWrite(
+    tokio::sync::oneshot::Receiver<
+        Result<Vec<Result<Written, crate::WriteError>>, crate::StoreError>,
+    >,
+);
+
+impl PendingWrite {
+    /// A write that is already decided.
+    pub fn done(
+        result: Result<Vec<Result<Written, crate::WriteError>>, crate::StoreError>,
+    ) -> Self {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let _ = sender.send(result);
+        Self(receiver)
+    }
+
+    pub(crate) fn waiting(
+        receiver: tokio::sync::oneshot::Receiver<
+            Result<Vec<Result<Written, crate::WriteError>>, crate::StoreError>,
+        >,
+    ) -> Self {
+        Self(receiver)
+    }
+
+    /// Waits for the commit: the results of [`crate::Store::write`] in
+    /// [`BatchMode::Independent`].
+    pub async fn committed(
+        self,
+    ) -> Result<Vec<Result<Written, crate::WriteError>>, crate::StoreError> {
+        self.0.await.map_err(|_| crate::StoreError::Closed)?
+    }
+}

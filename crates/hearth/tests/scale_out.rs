@@ -569,6 +569,24 @@ async fn a_killed_instance_leaves_its_units_to_the_other() {
             // A quarter done: both instances have been at work for a while.
             if done * 4 >= rows.len() && !leases.is_empty() {
                 cluster.instances[victim].kill();
+                // What the dead process held when it died: a unit it committed between the
+                // read above and the kill is no longer its to hand over.
+                let rows = units(&cluster.pool, &job).await;
+                let leases: Vec<Unit> = rows
+                    .iter()
+                    .filter(|u| u.status == "running")
+                    .filter(|u| {
+                        u.owner
+                            .as_deref()
+                            .is_some_and(|o| cluster.instances[victim].owns(o))
+                    })
+                    .cloned()
+                    .collect();
+                if leases.is_empty() {
+                    // Rare: its last unit committed in the moment before the kill. The survivor
+                    // must still finish the job with the same output (checked below).
+                    say("the killed instance had just committed its last unit");
+                }
                 say(&format!(
                     "killed {} holding units {:?}, {done} of {} units done",
                     cluster.instances[victim].name,

@@ -19,7 +19,9 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::Store;
 use crate::error::{StoreError, WriteError};
-use crate::model::{BatchMode, SearchPage, SearchQuery, Seq, StoredVersion, WriteOp, Written};
+use crate::model::{
+    BatchMode, PendingWrite, SearchPage, SearchQuery, Seq, StoredVersion, WriteOp, Written,
+};
 
 pub use crate::resource_key;
 pub use jobs::scan;
@@ -120,6 +122,10 @@ impl Store for SqliteStore {
         mode: BatchMode,
     ) -> Result<Vec<Result<Written, WriteError>>, StoreError> {
         self.inner.writer.write(ops, mode).await
+    }
+
+    async fn write_queued(&self, ops: Vec<WriteOp>) -> Result<PendingWrite, StoreError> {
+        self.inner.writer.write_queued(ops).await
     }
 
     async fn read(

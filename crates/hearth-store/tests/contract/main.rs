@@ -34,6 +34,7 @@ macro_rules! contract_suite {
                 $open;
                 resources::writes_report_created_updated_unchanged_and_deleted_with_versions,
                 resources::unchanged_update_keeps_version_seq_and_last_updated,
+                resources::queued_batches_each_commit_with_their_own_results,
                 resources::stored_body_carries_the_version_and_last_updated_of_its_write,
                 resources::read_returns_a_tombstone_after_delete_and_none_for_unknown,
                 resources::read_version_returns_each_stored_version,

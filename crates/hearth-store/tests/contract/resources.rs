@@ -457,3 +457,64 @@ pub async fn independent_batch_answers_each_entry_on_its_own_in_entry_order(
     let mm = store.read("Patient", "mm").await.unwrap().unwrap();
     assert_eq!(field(&mm.body, "name")[0]["family"], "M2");
 }
+
+/// Bulk loads hand batches over without waiting for each commit (the store may fold them into
+/// one): every batch still gets its own results, in its own order, and everything is readable
+/// once its handle says committed, including a resource written twice across batches.
+pub async fn queued_batches_each_commit_with_their_own_results(store: Arc<dyn Backend>) {
+    let mut pending = Vec::new();
+    for batch in 0..5 {
+        let ops = (0..40)
+            .map(|n| put(&patient(&format!("q{batch}-{n}"), "Queued")))
+            .chain(std::iter::once(put(&patient(
+                "shared",
+                &format!("V{batch}"),
+            ))))
+            .collect();
+        pending.push(
+            store
+                .write_queued(ops)
+                .await
+                .expect("the store takes the batch"),
+        );
+    }
+    let mut previous_batch_max: Seq = 0;
+    for (batch, handle) in pending.into_iter().enumerate() {
+        let results = handle.committed().await.expect("the batch commits");
+        assert_eq!(results.len(), 41);
+        let written: Vec<&Written> = results
+            .iter()
+            .map(|r| r.as_ref().expect("each write succeeds"))
+            .collect();
+        // Within a batch a store may write in its own order; batches follow one another.
+        let min = written.iter().map(|w| w.seq).min().unwrap_or(0);
+        assert!(
+            min > previous_batch_max,
+            "batch {batch} was written after the one before"
+        );
+        previous_batch_max = written.iter().map(|w| w.seq).max().unwrap_or(0);
+        for (n, written) in written.iter().enumerate() {
+            if n < 40 {
+                assert_eq!(written.id, format!("q{batch}-{n}"));
+                assert_eq!(written.kind, WriteKind::Created);
+            } else {
+                assert_eq!(written.id, "shared");
+                assert_eq!(written.version, batch as u64 + 1);
+            }
+        }
+    }
+    for batch in 0..5 {
+        let read = store
+            .read("Patient", &format!("q{batch}-39"))
+            .await
+            .expect("read")
+            .expect("the queued write is stored");
+        assert!(!read.deleted);
+    }
+    let shared = store
+        .read("Patient", "shared")
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(shared.version, 5);
+}
