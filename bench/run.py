@@ -9,6 +9,7 @@ the same run. Results are medians of --runs runs; paste the printed table into B
     python3 bench/run.py levels --data /tmp/bench [--runs 3]    # Patient/Group export and _typeFilter vs system
     python3 bench/run.py pg --database URL --data /tmp/pgb [--s3]  # PostgreSQL: export vs a bare COPY, one vs two instances
     python3 bench/run.py pgload --server URL DIR...               # hearth load --database vs psql COPY of the same lines
+    python3 bench/run.py grow --data /tmp/g --base S1M --add S2M  # load into a store that already holds a set vs into an empty one
 
 Needs a release build (cargo build --release -p hearth) and, for poll latency, wrk.
 """
@@ -431,6 +432,36 @@ def cmd_pg(args):
             moto.stop()
 
 
+def timed_load(paths, data):
+    started = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", HEARTH, "load", *paths, "--data", data],
+                          capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - started
+    rss = next(int(l.split()[-1]) for l in proc.stderr.splitlines() if "Maximum resident" in l)
+    count = int(next(l for l in proc.stdout.splitlines() if l.startswith("loaded")).split()[1])
+    return count, elapsed, rss
+
+
+def cmd_grow(args):
+    """The rate of loading --add into a store already holding --base, against loading --add into
+    an empty store in the same run: does the loader keep its speed as the store grows?"""
+    rows = []
+    for run in range(args.runs):
+        shutil.rmtree(args.data, ignore_errors=True)
+        count, empty_s, empty_rss = timed_load([args.add], args.data)
+        shutil.rmtree(args.data, ignore_errors=True)
+        base_count, _, _ = timed_load([args.base], args.data)
+        _, grown_s, grown_rss = timed_load([args.add], args.data)
+        rows.append(dict(empty=count / empty_s, grown=count / grown_s, ratio=empty_s / grown_s,
+                         rss=max(empty_rss, grown_rss)))
+        print(f"run {run + 1}: {count:,} into an empty store {count / empty_s:,.0f}/s; into a store of {base_count:,} "
+              f"{count / grown_s:,.0f}/s (x{empty_s / grown_s:.2f}); peak RSS {max(empty_rss, grown_rss) / 1024:.0f} MiB")
+    shutil.rmtree(args.data, ignore_errors=True)
+    med = lambda k: statistics.median(r[k] for r in rows)
+    print(f"median: empty {med('empty'):,.0f}/s, grown {med('grown'):,.0f}/s, ratio x{med('ratio'):.2f}; "
+          f"peak RSS max {max(r['rss'] for r in rows) / 1024:.0f} MiB")
+
+
 def cmd_pgload(args):
     """hearth load --database into a fresh database (rate, peak RSS), against psql COPY of the
     same NDJSON lines into an unindexed table in the same run: the floor of getting the bytes in."""
@@ -483,11 +514,13 @@ def main():
     pg.add_argument("--runs", type=int, default=3); pg.add_argument("--workers", type=int, default=os.cpu_count())
     pg.add_argument("--s3", action="store_true", help="export to a moto S3 bucket instead of local files")
     pg.add_argument("--two", action="store_true", help="also run a second instance on the same database")
+    grow = sub.add_parser("grow"); grow.add_argument("--data", required=True); grow.add_argument("--base", required=True)
+    grow.add_argument("--add", required=True); grow.add_argument("--runs", type=int, default=3)
     pgload = sub.add_parser("pgload"); pgload.add_argument("paths", nargs="+")
     pgload.add_argument("--server", default="postgres://postgres@127.0.0.1:5432", help="server URL without database")
     pgload.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client, "pg": cmd_pg, "pgload": cmd_pgload}[args.cmd](args)
+    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client, "pg": cmd_pg, "pgload": cmd_pgload, "grow": cmd_grow}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,9 @@ pub async fn load(
     limits: BatchLimits,
     observer: &mut dyn LoadObserver,
 ) -> Result<LoadReport, LoadError> {
-    let (sender, mut receiver) = mpsc::channel::<Message>(4);
+    // Two prepared batches ahead of the store are enough to keep its writer busy; each more
+    // costs about 16 MB (a batch's bytes and their prepared copy).
+    let (sender, mut receiver) = mpsc::channel::<Message>(2);
     let keep_originals = matches!(target, Target::Server { .. });
     let file_count = files.len();
     let reader = std::thread::Builder::new()

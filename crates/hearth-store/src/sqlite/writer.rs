@@ -37,7 +37,7 @@ enum Command {
 const BULK_GROUP_PATIENCE: Duration = Duration::from_millis(10);
 
 /// Resources after which a group commits even if more batches are queued.
-const GROUP_RESOURCES: usize = 60_000;
+const GROUP_RESOURCES: usize = 50_000;
 
 /// Batches applied in the open transaction, answered when it commits.
 struct Group {
