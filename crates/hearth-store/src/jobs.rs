@@ -10,6 +10,19 @@ use async_trait::async_trait;
 use hearth_fhir::instant::Micros;
 
 use crate::error::StoreError;
+
+/// The columns of a [`JobRecord`] from `export_job j`, in its field order (both backends).
+pub(crate) const JOB_COLUMNS: &str =
+    "j.id, j.client, j.status, j.request, j.request_url, j.snapshot_seq,
+    j.transaction_time, j.created_at, j.started_at, j.completed_at, j.expires_at, j.polls,
+    j.manifest_shown, j.estimated_resources, j.done_resources,
+    (SELECT COUNT(*) FROM export_unit u WHERE u.job_id = j.id),
+    (SELECT COUNT(*) FROM export_unit u WHERE u.job_id = j.id AND u.status = 'done'),
+    j.manifest, j.error";
+
+/// The columns of a [`FileRecord`] from `export_file f`, in its field order (both backends).
+pub(crate) const FILE_COLUMNS: &str =
+    "f.id, f.job_id, f.unit_no, f.part, f.res_type, f.kind, f.path, f.count, f.bytes";
 use crate::model::Seq;
 
 /// Where a job is in its life.

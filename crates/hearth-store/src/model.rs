@@ -132,3 +132,18 @@ impl PendingWrite {
         self.0.await.map_err(|_| crate::StoreError::Closed)?
     }
 }
+
+/// The `If-Match` rule both backends apply: the expected version must be the live (not deleted)
+/// current one.
+pub(crate) fn check_if_match(
+    expected: Option<u64>,
+    live: Option<u64>,
+) -> Result<(), crate::WriteError> {
+    match expected {
+        Some(expected) if live != Some(expected) => Err(crate::WriteError::VersionConflict {
+            expected,
+            current: live,
+        }),
+        _ => Ok(()),
+    }
+}

@@ -15,18 +15,11 @@ use super::PgStore;
 use super::write::Clock;
 use crate::error::StoreError;
 use crate::jobs::{
-    CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, JobStore, NewJob, ScanError,
-    ScanRow, ScanSource, Snapshot, UnitCommit, UnitKind, UnitScope,
+    CancelOutcome, ClaimedUnit, FILE_COLUMNS, FileRecord, JOB_COLUMNS, JobRecord, JobStatus,
+    JobStore, NewJob, ScanError, ScanRow, ScanSource, Snapshot, UnitCommit, UnitKind, UnitScope,
 };
 use crate::model::Seq;
 use crate::resource_key;
-
-const JOB_COLUMNS: &str = "j.id, j.client, j.status, j.request, j.request_url, j.snapshot_seq,
-    j.transaction_time, j.created_at, j.started_at, j.completed_at, j.expires_at, j.polls,
-    j.manifest_shown, j.estimated_resources, j.done_resources,
-    (SELECT COUNT(*) FROM export_unit u WHERE u.job_id = j.id),
-    (SELECT COUNT(*) FROM export_unit u WHERE u.job_id = j.id AND u.status = 'done'),
-    j.manifest, j.error";
 
 fn job_record(row: &PgRow) -> Result<JobRecord, sqlx::Error> {
     let status: &str = row.try_get(2)?;
@@ -54,9 +47,6 @@ fn job_record(row: &PgRow) -> Result<JobRecord, sqlx::Error> {
         error: row.try_get(18)?,
     })
 }
-
-const FILE_COLUMNS: &str =
-    "f.id, f.job_id, f.unit_no, f.part, f.res_type, f.kind, f.path, f.count, f.bytes";
 
 fn file_record(row: &PgRow) -> Result<FileRecord, sqlx::Error> {
     Ok(FileRecord {

@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use super::copy::CopyBuffer;
 use crate::error::{StoreError, WriteError};
-use crate::model::{BatchMode, Seq, WriteKind, WriteOp, Written};
+use crate::model::{BatchMode, Seq, WriteKind, WriteOp, Written, check_if_match};
 use crate::resource_key;
 
 /// Sequence numbers and `lastUpdated` values of one transaction, taken from the locked clock row.
@@ -103,7 +103,7 @@ pub(super) async fn apply(
             WriteOp::Put { resource, if_match } => {
                 let key = (resource.resource_type, resource.id.clone());
                 let found = current.get(&key).cloned();
-                match check_if_match(if_match, &found) {
+                match check_if_match(if_match, live_version(&found)) {
                     Err(conflict) => Err(conflict),
                     Ok(()) => {
                         let hash = resource.content_hash.to_be_bytes().to_vec();
@@ -175,7 +175,7 @@ pub(super) async fn apply(
             } => {
                 let key = (resource_type, id.clone());
                 let found = current.get(&key).cloned();
-                match check_if_match(if_match, &found) {
+                match check_if_match(if_match, live_version(&found)) {
                     Err(conflict) => Err(conflict),
                     Ok(()) => match found.filter(|c| !c.deleted) {
                         None => Ok(Written {
@@ -295,21 +295,9 @@ fn supersede(
     }
 }
 
-fn check_if_match(expected: Option<u64>, current: &Option<Current>) -> Result<(), WriteError> {
-    match expected {
-        Some(expected) => {
-            let live = current.as_ref().filter(|c| !c.deleted).map(|c| c.version);
-            if live == Some(expected) {
-                Ok(())
-            } else {
-                Err(WriteError::VersionConflict {
-                    expected,
-                    current: live,
-                })
-            }
-        }
-        None => Ok(()),
-    }
+/// The version `If-Match` compares with: the current one unless it is a tombstone.
+fn live_version(current: &Option<Current>) -> Option<u64> {
+    current.as_ref().filter(|c| !c.deleted).map(|c| c.version)
 }
 
 type ResourceKey = (&'static str, String);

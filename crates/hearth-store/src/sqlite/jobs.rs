@@ -7,17 +7,10 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::SqliteStore;
 use crate::error::StoreError;
 use crate::jobs::{
-    CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, JobStore, NewJob, ScanError,
-    ScanRow, ScanSource, Snapshot, UnitCommit, UnitKind, UnitScope,
+    CancelOutcome, ClaimedUnit, FILE_COLUMNS, FileRecord, JOB_COLUMNS, JobRecord, JobStatus,
+    JobStore, NewJob, ScanError, ScanRow, ScanSource, Snapshot, UnitCommit, UnitKind, UnitScope,
 };
 use crate::model::Seq;
-
-const JOB_COLUMNS: &str = "j.id, j.client, j.status, j.request, j.request_url, j.snapshot_seq,
-    j.transaction_time, j.created_at, j.started_at, j.completed_at, j.expires_at, j.polls,
-    j.manifest_shown, j.estimated_resources, j.done_resources,
-    (SELECT COUNT(*) FROM export_unit u WHERE u.job_id = j.id),
-    (SELECT COUNT(*) FROM export_unit u WHERE u.job_id = j.id AND u.status = 'done'),
-    j.manifest, j.error";
 
 fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let status: String = row.get(2)?;
@@ -59,9 +52,6 @@ fn file_record(row: &Row<'_>) -> rusqlite::Result<FileRecord> {
         bytes: row.get::<_, i64>(8)? as u64,
     })
 }
-
-const FILE_COLUMNS: &str =
-    "f.id, f.job_id, f.unit_no, f.part, f.res_type, f.kind, f.path, f.count, f.bytes";
 
 fn load_job(conn: &Connection, id: &str) -> Result<Option<JobRecord>, StoreError> {
     Ok(conn

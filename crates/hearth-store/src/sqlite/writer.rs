@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::error::{StoreError, WriteError};
-use crate::model::{BatchMode, PendingWrite, Seq, WriteKind, WriteOp, Written};
+use crate::model::{BatchMode, PendingWrite, Seq, WriteKind, WriteOp, Written, check_if_match};
 use crate::sqlite::resource_key;
 
 type BatchResults = Vec<Result<Written, WriteError>>;
@@ -415,21 +415,9 @@ fn current(tx: &Connection, resource_type: &str, id: &str) -> Result<Option<Curr
         .optional()?)
 }
 
-fn check_if_match(expected: Option<u64>, current: &Option<Current>) -> Result<(), WriteError> {
-    match expected {
-        Some(expected) => {
-            let live = current.as_ref().filter(|c| !c.deleted).map(|c| c.version);
-            if live == Some(expected) {
-                Ok(())
-            } else {
-                Err(WriteError::VersionConflict {
-                    expected,
-                    current: live,
-                })
-            }
-        }
-        None => Ok(()),
-    }
+/// The version `If-Match` compares with: the current one unless it is a tombstone.
+fn live_version(current: &Option<Current>) -> Option<u64> {
+    current.as_ref().filter(|c| !c.deleted).map(|c| c.version)
 }
 
 /// Applies one operation; compartment rows are collected into `members` and written in key
@@ -443,7 +431,7 @@ fn apply_one(
     match op {
         WriteOp::Put { resource, if_match } => {
             let current = current(tx, resource.resource_type, &resource.id)?;
-            if let Err(conflict) = check_if_match(if_match, &current) {
+            if let Err(conflict) = check_if_match(if_match, live_version(&current)) {
                 return Ok(Err(conflict));
             }
             let hash = resource.content_hash.to_be_bytes();
@@ -507,7 +495,7 @@ fn apply_one(
             if_match,
         } => {
             let current = current(tx, resource_type, &id)?;
-            if let Err(conflict) = check_if_match(if_match, &current) {
+            if let Err(conflict) = check_if_match(if_match, live_version(&current)) {
                 return Ok(Err(conflict));
             }
             let Some(live) = current.filter(|c| !c.deleted) else {
