@@ -180,6 +180,55 @@ async fn oversized_headers_are_refused_with_431() {
 }
 
 #[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let server = spawn(Options {
+        serve: ServeOptions {
+            max_connections: 1,
+            ..ServeOptions::default()
+        },
+        ..open_options()
+    })
+    .await;
+    let address = server.origin.trim_start_matches("http://").to_owned();
+    // The one allowed connection: served, then kept open (keep-alive).
+    let mut first = tokio::net::TcpStream::connect(&address).await.unwrap();
+    first
+        .write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(DEADLINE, first.read_exact(&mut head))
+        .await
+        .expect("the first connection is answered")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // A second one waits while the first is open...
+    let mut second = tokio::net::TcpStream::connect(&address).await.unwrap();
+    second
+        .write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early =
+        tokio::time::timeout(Duration::from_millis(500), second.read_to_end(&mut answer)).await;
+    assert!(
+        early.is_err() && answer.is_empty(),
+        "a connection beyond the limit was served"
+    );
+    // ...and is served once it closes.
+    drop(first);
+    tokio::time::timeout(DEADLINE, second.read_to_end(&mut answer))
+        .await
+        .expect("the waiting connection is served after the first closes")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let server = spawn(Options {
         serve: ServeOptions {
