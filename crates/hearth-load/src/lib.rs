@@ -178,6 +178,9 @@ pub async fn load(
     reader
         .join()
         .map_err(|_| LoadError::Reader("the reading thread panicked".into()))??;
+    if let Target::Store(store) = &target {
+        store.settle_after_load().await?;
+    }
     Ok(report)
 }
 

@@ -89,6 +89,11 @@ pub trait Store: Send + Sync + 'static {
         ))
     }
 
+    /// Called once a bulk load has finished, for whatever makes the loaded data fast to read.
+    async fn settle_after_load(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The newest version of a resource, which may be a tombstone.
     async fn read(
         &self,

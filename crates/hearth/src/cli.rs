@@ -399,12 +399,6 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| PathBuf::from("./hearth-data"));
             let store = open_store(args.database.as_deref(), &data).await?;
             let result = load_into(&args.paths, Target::Store(store.clone()), limits).await;
-            if let (Some(url), Ok(_)) = (&args.database, &result) {
-                hearth_store::PgStore::connect(url)
-                    .await?
-                    .settle_after_load()
-                    .await?;
-            }
             store.close().await.context("closing the store")?;
             result?
         }

@@ -70,16 +70,6 @@ impl PgStore {
             runtime: Handle::current(),
         })
     }
-
-    /// Settles freshly loaded tables: statistics for the planner, and the visibility map, without
-    /// which counting a type's rows (export planning) reads every heap page and the first
-    /// export rewrites every page to set hint bits.
-    pub async fn settle_after_load(&self) -> Result<(), StoreError> {
-        sqlx::query("VACUUM (ANALYZE) resource_version, compartment_member")
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -90,6 +80,16 @@ impl Store for PgStore {
         mode: BatchMode,
     ) -> Result<Vec<Result<Written, WriteError>>, StoreError> {
         write::apply(&self.pool, ops, mode).await
+    }
+
+    /// Statistics for the planner, and the visibility map, without which counting a type's rows
+    /// (export planning) reads every heap page and the first export rewrites every page to set
+    /// hint bits.
+    async fn settle_after_load(&self) -> Result<(), StoreError> {
+        sqlx::query("VACUUM (ANALYZE) resource_version, compartment_member")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn read(
