@@ -53,6 +53,11 @@ pub struct ExportRequest {
     /// checked by the search engine at kick-off.
     #[serde(default)]
     pub type_filters: Vec<String>,
+    /// Queries in the same `Type?params` form that the client's access token restricts types
+    /// to (SMART v2 granular scopes): a resource of a type named here is exported only if it
+    /// matches one of them, whatever `_typeFilter` says.
+    #[serde(default)]
+    pub scope_filters: Vec<String>,
     /// The patients a Group or `patient` export covers, resolved at kick-off.
     #[serde(default)]
     pub resolved_patients: Vec<String>,
@@ -140,6 +145,7 @@ impl ExportRequest {
             relevant_provenance: false,
             resolved_patients: Vec::new(),
             type_filters: Vec::new(),
+            scope_filters: Vec::new(),
             ignored: Vec::new(),
             request_url,
         };

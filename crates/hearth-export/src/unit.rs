@@ -1,7 +1,7 @@
 //! What a worker does with each row of a unit: choose (de-duplicate, filter), shape
 //! (`_elements`), and route it to the file of its type.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use hearth_fhir::envelope::{compartment_of_body, subset_elements};
@@ -21,40 +21,53 @@ pub struct RowPolicy<'a> {
     job_patients: Option<HashSet<i64>>,
     /// Rows in several compartments seen in this unit, by seq: the patient key of the route
     /// that writes them.
-    first_routes: std::collections::HashMap<hearth_store::Seq, Option<i64>>,
+    first_routes: HashMap<hearth_store::Seq, Option<i64>>,
     /// For a Provenance unit: the keys of every resource the job exported, sorted.
     exported: Option<Vec<i64>>,
     /// `_typeFilter`: per type, the filters of which a resource must match one.
-    type_filters: std::collections::HashMap<&'static str, Vec<Filter>>,
+    type_filters: FiltersByType,
+    /// The access token's granular scopes: per type, the filters of which a resource must
+    /// match one, deletions included.
+    scope_filters: FiltersByType,
+}
+
+type FiltersByType = HashMap<&'static str, Vec<Filter>>;
+
+/// `Type?params` queries (checked at kick-off) grouped by type. A query that no longer parses
+/// selects nothing rather than everything.
+fn filters_by_type(queries: &[String]) -> FiltersByType {
+    let mut by_type = FiltersByType::new();
+    for query in queries {
+        match Filter::parse_type_filter(query) {
+            Ok((resource_type, filter)) => by_type.entry(resource_type).or_default().push(filter),
+            Err(_) => {
+                if let Some((type_name, _)) = query.split_once('?')
+                    && let Some(resource_type) =
+                        hearth_fhir::resource_type::canonical_resource_type(type_name)
+                {
+                    by_type.entry(resource_type).or_default();
+                }
+            }
+        }
+    }
+    by_type
+}
+
+fn passes(filters: &FiltersByType, resource_type: &str, body: &[u8]) -> bool {
+    filters
+        .get(resource_type)
+        .is_none_or(|any_of| any_of.iter().any(|f| f.matches_bytes(body)))
 }
 
 impl<'a> RowPolicy<'a> {
     pub fn new(request: &'a ExportRequest) -> Self {
-        let mut type_filters: std::collections::HashMap<&'static str, Vec<Filter>> =
-            std::collections::HashMap::new();
-        for query in &request.type_filters {
-            // Checked at kick-off; a query that no longer parses selects nothing rather than
-            // everything.
-            match Filter::parse_type_filter(query) {
-                Ok((resource_type, filter)) => {
-                    type_filters.entry(resource_type).or_default().push(filter)
-                }
-                Err(_) => {
-                    if let Some((type_name, _)) = query.split_once('?')
-                        && let Some(resource_type) =
-                            hearth_fhir::resource_type::canonical_resource_type(type_name)
-                    {
-                        type_filters.entry(resource_type).or_default();
-                    }
-                }
-            }
-        }
         Self {
             request,
             job_patients: None,
-            first_routes: std::collections::HashMap::new(),
+            first_routes: HashMap::new(),
             exported: None,
-            type_filters,
+            type_filters: filters_by_type(&request.type_filters),
+            scope_filters: filters_by_type(&request.scope_filters),
         }
     }
 
@@ -66,9 +79,11 @@ impl<'a> RowPolicy<'a> {
         {
             return false;
         }
+        if !passes(&self.scope_filters, row.resource_type, row.body) {
+            return false;
+        }
         if unit.kind != UnitKind::Deleted
-            && let Some(filters) = self.type_filters.get(row.resource_type)
-            && !filters.iter().any(|f| f.matches_bytes(row.body))
+            && !passes(&self.type_filters, row.resource_type, row.body)
         {
             return false;
         }

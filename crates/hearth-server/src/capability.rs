@@ -129,6 +129,7 @@ pub async fn operation_definition(
     axum::extract::Path(id): axum::extract::Path<String>,
     raw_query: RawQuery,
     headers: HeaderMap,
+    grants: Option<axum::Extension<crate::auth::Grants>>,
 ) -> ApiResult<Response> {
     match DEFINITIONS.iter().find(|(name, _)| *name == id) {
         Some((_, definition)) => {
@@ -141,6 +142,7 @@ pub async fn operation_definition(
                 axum::extract::Path(("OperationDefinition".to_owned(), id)),
                 raw_query,
                 headers,
+                grants,
             )
             .await
         }

@@ -590,6 +590,7 @@ pub async fn binary(
                 Path(("Binary".to_owned(), id)),
                 raw_query,
                 headers,
+                grants.map(Extension),
             )
             .await
         }

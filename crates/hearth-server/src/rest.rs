@@ -1,7 +1,7 @@
 //! The instance and type interactions: create, read, vread, update, delete, history.
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hearth_fhir::envelope::{IdPolicy, is_valid_id, prepare};
@@ -12,11 +12,16 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::AppState;
+use crate::auth::{self, Grants};
 use crate::error::{ApiError, ApiResult, write_error_status};
 use crate::http_util::{
     QueryParams, fhir_json, http_date, if_match, parse_etag, parse_query, prefer, read_body,
     require_json_body, require_json_response, resource_response,
 };
+
+fn grants_of(grants: &Option<Extension<Grants>>) -> Option<&Grants> {
+    grants.as_ref().map(|Extension(grants)| grants)
+}
 
 /// The R4 type named in a URL, or `404`.
 pub fn known_type(name: &str) -> ApiResult<&'static str> {
@@ -55,6 +60,7 @@ pub async fn read(
     Path((resource_type, id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    grants: Option<Extension<Grants>>,
 ) -> ApiResult<Response> {
     require_json_response(&headers, &parse_query(query.as_deref()))?;
     let resource_type = known_type(&resource_type)?;
@@ -67,6 +73,7 @@ pub async fn read(
     if stored.deleted {
         return Err(gone(&stored));
     }
+    auth::require_read_resource(grants_of(&grants), resource_type, id, &stored.body)?;
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -87,6 +94,7 @@ pub async fn vread(
     Path((resource_type, id, version)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    grants: Option<Extension<Grants>>,
 ) -> ApiResult<Response> {
     require_json_response(&headers, &parse_query(query.as_deref()))?;
     let resource_type = known_type(&resource_type)?;
@@ -104,6 +112,7 @@ pub async fn vread(
     if stored.deleted {
         return Err(gone(&stored));
     }
+    auth::require_read_resource(grants_of(&grants), resource_type, id, &stored.body)?;
     Ok(resource_response(StatusCode::OK, stored, None))
 }
 
@@ -315,6 +324,7 @@ pub async fn history(
     Path((resource_type, id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    grants: Option<Extension<Grants>>,
 ) -> ApiResult<Response> {
     let params = parse_query(query.as_deref());
     require_json_response(&headers, &params)?;
@@ -337,7 +347,7 @@ pub async fn history(
         })?),
         None => None,
     };
-    let versions = app
+    let mut versions = app
         .store
         .history(resource_type, &id, before, count + 1)
         .await?;
@@ -345,6 +355,15 @@ pub async fn history(
         return Err(ApiError::NotFound(format!(
             "{resource_type}/{id} does not exist"
         )));
+    }
+    if let Some(grants) = grants_of(&grants) {
+        // With granular scopes, only the versions they select (a deletion has no body to
+        // judge, so it is left out too).
+        let listed = versions.len();
+        versions.retain(|v| !v.deleted && auth::may_read_body(grants, resource_type, &v.body));
+        if listed > 0 && versions.is_empty() {
+            return Err(auth::outside_granular_scopes(grants, resource_type, &id));
+        }
     }
     let base = &app.config.base_url;
     let mut link = vec![Link {

@@ -7,7 +7,7 @@
 //! sequence number, never an offset). A parameter the engine cannot evaluate is refused by
 //! name, or, with `Prefer: handling=lenient`, ignored and reported in the Bundle.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use hearth_fhir::instant::{Micros, parse_date_range};
@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::AppState;
+use crate::auth::Grants;
 use crate::error::{ApiError, ApiResult};
 use crate::http_util::{
     QueryParams, comma_values, fhir_json, parse_query, prefer, require_json_response,
@@ -196,12 +197,22 @@ pub async fn search(
     Path(resource_type): Path<String>,
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
+    grants: Option<Extension<Grants>>,
 ) -> ApiResult<Response> {
     let params = parse_query(raw_query.as_deref());
     require_json_response(&headers, &params)?;
     let resource_type = known_type(&resource_type)?;
-    let ParsedSearch { query, ignored } =
+    let ParsedSearch { mut query, ignored } =
         parse_search(resource_type, &params, prefer(&headers).lenient)?;
+    // Granular scopes: the search sees only what they select.
+    if let Some(Extension(grants)) = &grants
+        && let Some(narrowing) = grants.narrowing(resource_type, |a| a.search)
+    {
+        query.filter = Some(Arc::new(match query.filter.take() {
+            Some(asked) => (*asked).clone().within_any(vec![narrowing]),
+            None => narrowing,
+        }));
+    }
     let page = app.store.search(query).await?;
 
     let base = &app.config.base_url;

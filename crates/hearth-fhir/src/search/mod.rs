@@ -132,6 +132,9 @@ pub struct Filter {
     clauses: Vec<Clause>,
     /// Every top-level element some clause reads, for [`Filter::matches_bytes`].
     top_level: Vec<&'static str>,
+    /// Further conditions from outside the query (an access token's granular scopes): a
+    /// matching resource matches at least one filter of every group.
+    within: Vec<Vec<Filter>>,
 }
 
 #[derive(Debug, Clone)]
@@ -230,7 +233,19 @@ impl Filter {
             resource_type,
             clauses,
             top_level,
+            within: Vec::new(),
         })
+    }
+
+    /// Narrows this filter to resources that also match at least one of `alternatives`
+    /// (filters of the same type; others never match).
+    pub fn within_any(mut self, alternatives: Vec<Filter>) -> Filter {
+        let alternatives = alternatives
+            .into_iter()
+            .filter(|f| f.resource_type == self.resource_type)
+            .collect();
+        self.within.push(alternatives);
+        self
     }
 
     /// Parses one `_typeFilter` value, `Type?name=value&...` with the query part URL-encoded.
@@ -277,12 +292,23 @@ impl Filter {
         self.clauses
             .iter()
             .all(|clause| clause.matches(Root::Resource(resource), &mut scratch))
+            && self
+                .within
+                .iter()
+                .all(|group| group.iter().any(|f| f.matches(resource)))
     }
 
     /// Whether the stored compact JSON `body` matches; the same decision as [`Filter::matches`]
     /// on the parsed resource, without parsing it whole. Bytes that are not a JSON object
     /// never match.
     pub fn matches_bytes(&self, body: &[u8]) -> bool {
+        if !self
+            .within
+            .iter()
+            .all(|group| group.iter().any(|f| f.matches_bytes(body)))
+        {
+            return false;
+        }
         if self.clauses.is_empty() {
             return true;
         }

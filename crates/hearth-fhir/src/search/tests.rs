@@ -956,3 +956,32 @@ fn has_duplicate_top_level_keys(body: &[u8]) -> bool {
         Err(_) => true,
     }
 }
+
+#[test]
+fn a_filter_within_alternatives_needs_its_own_clauses_and_one_alternative() {
+    let lab = json!({"resourceType":"Observation","status":"final","category":[{"coding":[{"code":"laboratory"}]}]});
+    let vital_prelim = json!({"resourceType":"Observation","status":"preliminary","category":[{"coding":[{"code":"vital-signs"}]}]});
+    let survey = json!({"resourceType":"Observation","status":"final","category":[{"coding":[{"code":"survey"}]}]});
+    let granted = || {
+        vec![
+            filter("Observation", "category=laboratory"),
+            filter("Observation", "category=vital-signs"),
+        ]
+    };
+    let only_granted = filter("Observation", "").within_any(granted());
+    let final_and_granted = filter("Observation", "status=final").within_any(granted());
+    for (resource, only, both) in [
+        (&lab, true, true),
+        (&vital_prelim, true, false),
+        (&survey, false, false),
+    ] {
+        let bytes = serde_json::to_vec(resource).unwrap();
+        assert_eq!(only_granted.matches(resource), only, "{resource}");
+        assert_eq!(only_granted.matches_bytes(&bytes), only, "{resource}");
+        assert_eq!(final_and_granted.matches(resource), both, "{resource}");
+        assert_eq!(final_and_granted.matches_bytes(&bytes), both, "{resource}");
+    }
+    // No alternative left: nothing matches.
+    let none = filter("Observation", "").within_any(vec![filter("Patient", "active=true")]);
+    assert!(!none.matches_bytes(&serde_json::to_vec(&lab).unwrap()));
+}

@@ -5,11 +5,21 @@
 use std::collections::BTreeMap;
 
 use hearth_fhir::resource_type::{canonical_resource_type, resource_types};
+use hearth_fhir::search::Filter;
 
 use super::scopes::{Access, SystemScope, system_scopes};
 
 /// The eHealth role that may start exports.
 pub const EXPORT_ROLE: &str = "$bulk-export";
+
+/// How much of a type a token reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    Whole,
+    /// The resources that match one of these search queries (the text after `?`).
+    Filtered(Vec<String>),
+    Nothing,
+}
 
 /// The permissions of one request's token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +30,9 @@ pub struct Grants {
     all: Access,
     /// Access to single types, on top of `all`.
     types: BTreeMap<&'static str, Access>,
+    /// Granular scopes: access to the resources their filter selects, where `all` and
+    /// `types` do not already give it for the whole type.
+    filtered: Vec<SystemScope>,
     /// May start exports: any SMART scope, or the `$bulk-export` role.
     may_export: bool,
     /// May download export files: any SMART scope, or the `Binary.read` role (which is also
@@ -41,6 +54,7 @@ impl Grants {
             client: client.into(),
             all: Access::NONE,
             types: BTreeMap::new(),
+            filtered: Vec::new(),
             may_export: false,
             may_download: false,
         }
@@ -49,6 +63,7 @@ impl Grants {
     pub fn add_scopes(&mut self, scopes: &[SystemScope]) {
         for scope in scopes {
             match scope.resource_type {
+                _ if scope.filter.is_some() => self.filtered.push(scope.clone()),
                 None => self.all = self.all.union(scope.access),
                 Some(resource_type) => self.add(resource_type, scope.access),
             }
@@ -97,10 +112,66 @@ impl Grants {
         *entry = entry.union(access);
     }
 
-    /// What the token allows on `resource_type`.
+    /// What the token allows on `resource_type`, on all of its resources or (through granular
+    /// scopes) on some.
     pub fn access(&self, resource_type: &str) -> Access {
+        self.filtered_scopes(resource_type)
+            .fold(self.whole_access(resource_type), |access, scope| {
+                access.union(scope.access)
+            })
+    }
+
+    fn whole_access(&self, resource_type: &str) -> Access {
         let own = self.types.get(resource_type).copied().unwrap_or_default();
         self.all.union(own)
+    }
+
+    fn filtered_scopes<'s>(
+        &'s self,
+        resource_type: &'s str,
+    ) -> impl Iterator<Item = &'s SystemScope> {
+        self.filtered
+            .iter()
+            .filter(move |scope| scope.resource_type.is_none_or(|t| t == resource_type))
+    }
+
+    /// Which resources of `resource_type` the token reaches for an interaction that needs
+    /// what `needs` picks of an [`Access`].
+    pub fn reach(&self, resource_type: &str, needs: impl Fn(Access) -> bool) -> Reach {
+        if needs(self.whole_access(resource_type)) {
+            return Reach::Whole;
+        }
+        let queries: Vec<String> = self
+            .filtered_scopes(resource_type)
+            .filter(|scope| needs(scope.access))
+            .filter_map(|scope| scope.filter.clone())
+            .collect();
+        if queries.is_empty() {
+            Reach::Nothing
+        } else {
+            Reach::Filtered(queries)
+        }
+    }
+
+    /// The search filter a request on `resource_type` must add to stay within the token, or
+    /// `None` when it reaches every resource of the type.
+    pub fn narrowing(
+        &self,
+        resource_type: &'static str,
+        needs: impl Fn(Access) -> bool,
+    ) -> Option<Filter> {
+        let Reach::Filtered(queries) = self.reach(resource_type, needs) else {
+            return None;
+        };
+        let alternatives = queries
+            .iter()
+            .filter_map(|query| Filter::parse_type_filter(&format!("{resource_type}?{query}")).ok())
+            .map(|(_, filter)| filter)
+            .collect();
+        // A type without whole access and without a usable filter: nothing matches.
+        Filter::parse(resource_type, &[])
+            .ok()
+            .map(|all| all.within_any(alternatives))
     }
 
     /// What the token allows on every type (`system/*.…`).
@@ -114,7 +185,7 @@ impl Grants {
         self.access(resource_type).any()
     }
 
-    /// Covers every type (`system/*.…`).
+    /// Covers every resource of every type (`system/*.…` without a filter).
     pub fn covers_all(&self) -> bool {
         self.all.any()
     }
@@ -173,6 +244,40 @@ mod tests {
         assert!(grants.may_export() && grants.may_download());
         assert!(grants.access("Binary").read);
         assert!(!grants.covers("Patient"));
+    }
+
+    #[test]
+    fn granular_scopes_reach_what_their_filter_selects() {
+        let grants = Grants::from_scopes(
+            "c",
+            "system/Observation.rs?category=laboratory system/Observation.r?category=vital-signs system/Patient.rs",
+        );
+        assert!(grants.covers("Observation") && grants.may_export());
+        assert_eq!(grants.reach("Patient", Access::any), Reach::Whole);
+        assert_eq!(
+            grants.reach("Observation", Access::any),
+            Reach::Filtered(vec![
+                "category=laboratory".to_owned(),
+                "category=vital-signs".to_owned()
+            ])
+        );
+        assert_eq!(
+            grants.reach("Observation", |a| a.search),
+            Reach::Filtered(vec!["category=laboratory".to_owned()])
+        );
+        assert_eq!(grants.reach("Condition", Access::any), Reach::Nothing);
+        let narrowing = grants.narrowing("Observation", |a| a.read).unwrap();
+        assert!(narrowing.matches_bytes(
+            br#"{"resourceType":"Observation","category":[{"coding":[{"code":"vital-signs"}]}]}"#
+        ));
+        assert!(!narrowing.matches_bytes(
+            br#"{"resourceType":"Observation","category":[{"coding":[{"code":"survey"}]}]}"#
+        ));
+        assert!(grants.narrowing("Patient", |a| a.read).is_none());
+        // A whole-type scope wins over a granular one of the same type.
+        let both = Grants::from_scopes("c", "system/Observation.rs?status=final system/*.rs");
+        assert_eq!(both.reach("Observation", Access::any), Reach::Whole);
+        assert_eq!(both.covered_types(), None);
     }
 
     #[test]

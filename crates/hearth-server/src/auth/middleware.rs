@@ -10,6 +10,9 @@
 //! - read, vread, history: `r` on the type; search: `s` on the type, and on every type when the
 //!   search reaches other types (`_include`, `_revinclude`, `_has`, chained parameters);
 //! - everything that writes: `403`, since Hearth never grants write scopes.
+//!
+//! A type reached only through granular scopes passes here; the handlers narrow what it
+//! returns to the resources the scopes' filters select.
 
 use axum::extract::{Request, State};
 use axum::http::Method;

@@ -33,8 +33,9 @@ use hearth_export::{DownloadableFile, ExportRequest, Level};
 use hearth_store::{Backend, StoreError};
 use serde_json::{Value, json};
 
-pub use grants::Grants;
+pub use grants::{Grants, Reach};
 pub use oidc::OidcSettings;
+use scopes::Access;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -331,9 +332,7 @@ pub fn restrict_export(grants: Option<&Grants>, request: &mut ExportRequest) -> 
                 outside.join(", ")
             ));
         }
-        return Ok(());
-    }
-    if let Some(mut covered) = grants.covered_types() {
+    } else if let Some(mut covered) = grants.covered_types() {
         if request.level != Level::System {
             covered.retain(|t| hearth_fhir::compartment::is_patient_compartment_type(t));
         }
@@ -344,7 +343,32 @@ pub fn restrict_export(grants: Option<&Grants>, request: &mut ExportRequest) -> 
         }
         request.types = covered;
     }
+    narrow_to_granular_scopes(grants, request);
     Ok(())
+}
+
+/// Types the token reaches only through granular scopes are exported as far as those scopes'
+/// filters select (Provenance too, which an export may add by target without naming it).
+fn narrow_to_granular_scopes(grants: &Grants, request: &mut ExportRequest) {
+    let exported: Vec<&'static str> = if request.types.is_empty() {
+        hearth_fhir::resource_type::resource_types().to_vec()
+    } else {
+        request
+            .types
+            .iter()
+            .filter_map(|t| hearth_fhir::resource_type::canonical_resource_type(t))
+            .chain(["Provenance"])
+            .collect()
+    };
+    for resource_type in exported {
+        if let Reach::Filtered(queries) = grants.reach(resource_type, Access::any) {
+            request.scope_filters.extend(
+                queries
+                    .into_iter()
+                    .map(|query| format!("{resource_type}?{query}")),
+            );
+        }
+    }
 }
 
 /// Whether job `id` may be seen by the caller. Another client's job is answered as if it did
@@ -421,6 +445,38 @@ pub fn check_file(grants: Option<&Grants>, file: &DownloadableFile) -> ApiResult
 }
 
 /// Read access to one resource type (a `Binary` that is not an export file, for one).
+/// Whether the token reaches this stored resource for reading: its type, and (with granular
+/// scopes) the resource itself. Outside the token: `403`.
+pub fn require_read_resource(
+    grants: Option<&Grants>,
+    resource_type: &'static str,
+    id: &str,
+    body: &[u8],
+) -> ApiResult<()> {
+    require_read(grants, resource_type)?;
+    match grants {
+        Some(grants) if !may_read_body(grants, resource_type, body) => {
+            Err(outside_granular_scopes(grants, resource_type, id))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The `403` for a resource of a type the token reaches only in part, and not this one.
+pub fn outside_granular_scopes(grants: &Grants, resource_type: &str, id: &str) -> ApiError {
+    let message =
+        format!("{resource_type}/{id} is outside what the access token's granular scopes select");
+    audit_failure("read_forbidden", Some(&grants.client), "403", &message);
+    ApiError::Forbidden(message)
+}
+
+/// Whether a resource body is within what the token may read of its type.
+pub fn may_read_body(grants: &Grants, resource_type: &'static str, body: &[u8]) -> bool {
+    grants
+        .narrowing(resource_type, |a| a.read)
+        .is_none_or(|filter| filter.matches_bytes(body))
+}
+
 pub fn require_read(grants: Option<&Grants>, resource_type: &str) -> ApiResult<()> {
     match grants {
         Some(grants) if !grants.access(resource_type).read => {

@@ -5,8 +5,13 @@
 //! `.read`/`.rs`, and a request that asks only for writes gets `invalid_scope`. Granted scopes
 //! echo the client's syntax (v1 stays v1), as SMART asks of servers that advertise
 //! `permission-v1`.
+//!
+//! v2 granular scopes (`system/Observation.rs?category=laboratory`) are granted as they are
+//! when the search engine understands their query; the token then reaches only the resources
+//! of that type the query selects (see `Grants`).
 
 use hearth_fhir::resource_type::canonical_resource_type;
+use hearth_fhir::search::Filter;
 
 /// What a scope (or a role) allows on one resource type.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,7 +52,7 @@ impl Access {
 }
 
 /// One `system/` scope, already down-graded to read and search.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemScope {
     /// `None` stands for `*`.
     pub resource_type: Option<&'static str>,
@@ -55,8 +60,8 @@ pub struct SystemScope {
     pub access: Access,
     /// Written in v2 syntax (`.rs`) rather than v1 (`.read`).
     pub v2: bool,
-    /// Carries a v2 granular filter (`?param=value`), which Hearth cannot enforce.
-    pub granular: bool,
+    /// A v2 granular filter: the search query after `?`, as written.
+    pub filter: Option<String>,
 }
 
 impl SystemScope {
@@ -73,7 +78,21 @@ impl SystemScope {
         if self.access.search {
             permissions.push('s');
         }
-        format!("system/{resource}.{permissions}")
+        match &self.filter {
+            Some(filter) => format!("system/{resource}.{permissions}?{filter}"),
+            None => format!("system/{resource}.{permissions}"),
+        }
+    }
+
+    /// The granular filter as a search of `resource_type`, or `None` when the scope has no
+    /// filter. A filter the search engine cannot read for that type selects nothing.
+    pub fn search_filter(&self, resource_type: &str) -> Option<Option<Filter>> {
+        let query = self.filter.as_deref()?;
+        Some(
+            Filter::parse_type_filter(&format!("{resource_type}?{query}"))
+                .ok()
+                .map(|(_, filter)| filter),
+        )
     }
 
     /// Whether this scope and `other` can apply to the same type, and if so to which (`None`:
@@ -88,7 +107,7 @@ impl SystemScope {
 }
 
 /// One scope of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     System(SystemScope),
     /// Anything that is not a `system/` resource scope (`launch`, `openid`, `patient/…`,
@@ -107,8 +126,10 @@ pub enum ScopeError {
     UnknownAction(String),
     #[error("'{0}' is not a SMART scope")]
     Malformed(String),
+    #[error("the granular filter of '{scope}' cannot be enforced: {reason}")]
+    UnsupportedFilter { scope: String, reason: String },
     #[error(
-        "nothing in '{0}' can be granted: Hearth grants read and search access through system/ scopes, without granular filters, within the client's registered scopes"
+        "nothing in '{0}' can be granted: Hearth grants read and search access through system/ scopes within the client's registered scopes"
     )]
     NothingGrantable(String),
 }
@@ -140,11 +161,21 @@ pub fn parse_scope(token: &str) -> Result<Scope, ScopeError> {
             true,
         ),
     };
-    let granular = match filter {
-        None => false,
+    let filter = match filter {
+        None => None,
         // Granular filters exist in v2 only and need at least one `name=value`.
         Some(filter) if v2 && !filter.is_empty() && filter.split('&').all(|p| p.contains('=')) => {
-            true
+            // Checked against the type (any type for `*`, whose filters can only use the
+            // parameters every resource has), so that a token never carries a filter the
+            // server would have to ignore.
+            let checked_as = resource_type.unwrap_or("Basic");
+            if let Err(e) = Filter::parse_type_filter(&format!("{checked_as}?{filter}")) {
+                return Err(ScopeError::UnsupportedFilter {
+                    scope: token.to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+            Some(filter.to_owned())
         }
         Some(_) => return Err(malformed()),
     };
@@ -152,7 +183,7 @@ pub fn parse_scope(token: &str) -> Result<Scope, ScopeError> {
         resource_type,
         access,
         v2,
-        granular,
+        filter,
     }))
 }
 
@@ -184,7 +215,7 @@ fn v2_access(action: &str) -> Option<Access> {
 pub fn system_scopes(list: &str) -> Vec<SystemScope> {
     list.split_ascii_whitespace()
         .filter_map(|token| match parse_scope(token) {
-            Ok(Scope::System(scope)) if !scope.granular && scope.access.any() => Some(scope),
+            Ok(Scope::System(scope)) if scope.access.any() => Some(scope),
             _ => None,
         })
         .collect()
@@ -195,7 +226,7 @@ pub fn check_registered(list: &str) -> Result<Vec<SystemScope>, ScopeError> {
     let mut scopes = Vec::new();
     for token in list.split_ascii_whitespace() {
         match parse_scope(token)? {
-            Scope::System(scope) if scope.access.any() && !scope.granular => scopes.push(scope),
+            Scope::System(scope) if scope.access.any() => scopes.push(scope),
             _ => return Err(ScopeError::NothingGrantable(token.to_owned())),
         }
     }
@@ -216,8 +247,8 @@ pub fn grant(requested: &str, allowed: Option<&str>) -> Result<String, ScopeErro
     let mut wanted = Vec::new();
     for token in &tokens {
         if let Scope::System(scope) = parse_scope(token)? {
-            // Write-only and granular scopes are down-graded to nothing (see the module docs).
-            if scope.access.any() && !scope.granular {
+            // Write-only scopes are down-graded to nothing (see the module docs).
+            if scope.access.any() {
                 wanted.push(scope);
             }
         }
@@ -226,16 +257,23 @@ pub fn grant(requested: &str, allowed: Option<&str>) -> Result<String, ScopeErro
     let mut granted: Vec<String> = Vec::new();
     for scope in &wanted {
         let narrowed: Vec<SystemScope> = match &limits {
-            None => vec![*scope],
+            None => vec![scope.clone()],
             Some(limits) => limits
                 .iter()
                 .filter_map(|limit| {
                     let resource_type = scope.meet(limit)?;
                     let access = scope.access.intersect(limit.access);
-                    access.any().then_some(SystemScope {
+                    // Both filters would have to hold, which one scope cannot say unless
+                    // they are the same.
+                    let filter = match (&scope.filter, &limit.filter) {
+                        (Some(a), Some(b)) if a != b => return None,
+                        (a, b) => a.clone().or_else(|| b.clone()),
+                    };
+                    access.any().then(|| SystemScope {
                         resource_type,
                         access,
-                        ..*scope
+                        v2: scope.v2 || filter.is_some(),
+                        filter,
                     })
                 })
                 .collect(),
@@ -344,19 +382,46 @@ mod tests {
     }
 
     #[test]
-    fn granular_scopes_are_parsed_but_not_granted() {
+    fn granular_scopes_are_granted_when_their_filter_can_be_enforced() {
+        let lab = "system/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory";
+        assert_eq!(granted(lab).unwrap(), lab);
+        assert_eq!(
+            granted("system/Observation.cruds?status=final system/Patient.rs").unwrap(),
+            "system/Observation.rs?status=final system/Patient.rs"
+        );
+        assert_eq!(
+            granted("system/*.rs?_tag=research").unwrap(),
+            "system/*.rs?_tag=research"
+        );
+        for scope in [
+            "system/Patient.rs?a=b",
+            "system/Observation.rs?code:below=x",
+            "system/*.rs?category=laboratory",
+        ] {
+            assert!(
+                matches!(granted(scope), Err(ScopeError::UnsupportedFilter { .. })),
+                "{scope}"
+            );
+        }
+    }
+
+    #[test]
+    fn granular_scopes_narrow_registered_scopes_and_are_narrowed_by_them() {
+        assert_eq!(
+            grant("system/Observation.rs?status=final", Some("system/*.rs")).unwrap(),
+            "system/Observation.rs?status=final"
+        );
+        assert_eq!(
+            grant("system/*.read", Some("system/Observation.rs?status=final")).unwrap(),
+            "system/Observation.rs?status=final"
+        );
         assert!(matches!(
-            parse_scope("system/Patient.rs?a=b"),
-            Ok(Scope::System(SystemScope { granular: true, .. }))
-        ));
-        assert!(matches!(
-            granted("system/Patient.rs?a=b"),
+            grant(
+                "system/Observation.rs?status=amended",
+                Some("system/Observation.rs?status=final")
+            ),
             Err(ScopeError::NothingGrantable(_))
         ));
-        assert_eq!(
-            granted("system/Patient.rs?a=b system/Observation.rs").unwrap(),
-            "system/Observation.rs"
-        );
     }
 
     #[test]
@@ -406,6 +471,8 @@ mod tests {
     #[test]
     fn registered_scopes_must_be_grantable() {
         assert!(check_registered("system/*.rs system/Patient.read").is_ok());
+        assert!(check_registered("system/Observation.rs?status=final").is_ok());
+        assert!(check_registered("system/Observation.rs?nonsense=1").is_err());
         assert!(check_registered("system/Patient.write").is_err());
         assert!(check_registered("launch").is_err());
         assert!(check_registered("").is_err());

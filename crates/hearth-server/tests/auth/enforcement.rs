@@ -404,3 +404,147 @@ async fn concurrent_exports_are_limited_per_client() {
         StatusCode::ACCEPTED
     );
 }
+
+/// The ids in an NDJSON body.
+fn ndjson_ids(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .map(|line| {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            resource["id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+async fn bundle_ids(response: reqwest::Response) -> BTreeSet<String> {
+    assert_eq!(response.status(), StatusCode::OK);
+    let bundle: Value = response.json().await.unwrap();
+    bundle["entry"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter_map(|e| e["resource"]["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn granular_scopes_narrow_exports_searches_and_reads() {
+    let server = spawn_smart().await;
+    let scope = "system/Observation.rs?subject=Patient/p1 system/Patient.rs";
+    let (key, token) = server.client_with_token("g", scope).await;
+    let (status, granted) = server
+        .request_token(&server.assertion(&key, "g"), scope)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(granted["scope"], scope);
+    let ids_of = |set: &[&str]| -> BTreeSet<String> { set.iter().map(|s| s.to_string()).collect() };
+
+    // Export without _type: the Patients whole, the Observations the filter selects, nothing
+    // else (the store holds p2's Observation o3 and a Condition too).
+    let status_url = server.start_export("", &token).await;
+    let manifest = server.manifest(&status_url, &token).await;
+    let mut exported = std::collections::BTreeMap::new();
+    for (resource_type, url) in outputs(&manifest) {
+        let text = server.get(&url, Some(&token)).await.text().await.unwrap();
+        exported
+            .entry(resource_type)
+            .or_insert_with(BTreeSet::new)
+            .extend(ndjson_ids(&text));
+    }
+    assert_eq!(
+        exported,
+        std::collections::BTreeMap::from([
+            ("Observation".to_owned(), ids_of(&["o1", "o2"])),
+            ("Patient".to_owned(), ids_of(&["p1", "p2"])),
+        ])
+    );
+
+    // _typeFilter narrows further; it cannot widen.
+    let status_url = server
+        .start_export(
+            "?_type=Observation&_typeFilter=Observation%3Fcode%3Atext%3Dc,Observation%3Fcode%3Atext%3Db",
+            &token,
+        )
+        .await;
+    let manifest = server.manifest(&status_url, &token).await;
+    let files = outputs(&manifest);
+    assert_eq!(files.len(), 1, "{manifest}");
+    let text = server
+        .get(&files[0].1, Some(&token))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(ndjson_ids(&text), ids_of(&["o2"]));
+
+    // Types outside every scope stay refused.
+    assert_outcome(
+        server.kick_off("?_type=Condition", Some(&token)).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+
+    // Search sees only the selected resources, with or without parameters of its own.
+    assert_eq!(
+        bundle_ids(server.get("/Observation", Some(&token)).await).await,
+        ids_of(&["o1", "o2"])
+    );
+    assert_eq!(
+        bundle_ids(server.get("/Observation?code:text=c", Some(&token)).await).await,
+        BTreeSet::new()
+    );
+    let counted: Value = server
+        .get("/Observation?_summary=count", Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counted["total"], 2);
+
+    // Reads: inside the filter 200, outside 403 (read, vread and history alike).
+    for path in ["/Observation/o1", "/Observation/o1/_history/1"] {
+        assert_eq!(
+            server.get(path, Some(&token)).await.status(),
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        bundle_ids(server.get("/Observation/o1/_history", Some(&token)).await).await,
+        ids_of(&["o1"])
+    );
+    for path in [
+        "/Observation/o3",
+        "/Observation/o3/_history/1",
+        "/Observation/o3/_history",
+    ] {
+        let outcome =
+            assert_outcome(server.get(path, Some(&token)).await, StatusCode::FORBIDDEN).await;
+        assert!(
+            outcome["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("granular"),
+            "{path}: {outcome}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn granular_scopes_that_cannot_be_enforced_are_invalid_scope() {
+    let server = spawn_smart().await;
+    let key = TestKey::rsa("k");
+    server.register("c", None, Some(&jwks(&[&key])), None).await;
+    for scope in [
+        "system/Observation.rs?nonsense=1",
+        "system/Observation.rs?code:below=x",
+        "system/*.rs?category=laboratory",
+    ] {
+        let answer = server
+            .request_token(&server.assertion(&key, "c"), scope)
+            .await;
+        assert_oauth_error(&answer, StatusCode::BAD_REQUEST, "invalid_scope");
+    }
+}

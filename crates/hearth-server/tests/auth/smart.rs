@@ -353,8 +353,8 @@ async fn scopes_are_granted_read_only_in_the_clients_syntax() {
         ),
         ("launch system/Patient.read", "system/Patient.read"),
         (
-            "system/Patient.rs?a=b system/Observation.rs",
-            "system/Observation.rs",
+            "system/Patient.rs?gender=female system/Observation.rs",
+            "system/Patient.rs?gender=female system/Observation.rs",
         ),
     ] {
         let (status, body) = grant(requested).await;
