@@ -305,20 +305,41 @@ pub async fn plan(
     units.extend(deletions);
     if provenance_by_target && !units.is_empty() {
         let (count, first, last) = backend.type_range("Provenance", 0, upto).await?;
-        if count > 0 {
-            estimated_resources += count;
+        let provenance_range = |scope: UnitScope, count: u64| {
             // Split like any type, so every worker takes a part.
-            let pieces = count.div_ceil(rows_per_unit.max(1)) as i64;
+            let pieces = count.div_ceil(rows_per_unit.max(1)).max(1) as i64;
             let start = first - 1;
             let width = last - start;
-            for piece in 0..pieces {
-                units.push(UnitPlan {
-                    resource_type: "Provenance".to_owned(),
-                    kind: UnitKind::Provenance,
-                    scope: UnitScope::All,
-                    seq_after: start + width * piece / pieces,
-                    seq_upto: start + width * (piece + 1) / pieces,
-                });
+            (0..pieces).map(move |piece| UnitPlan {
+                resource_type: "Provenance".to_owned(),
+                kind: UnitKind::Provenance,
+                scope: scope.clone(),
+                seq_after: start + width * piece / pieces,
+                seq_upto: start + width * (piece + 1) / pieces,
+            })
+        };
+        match &patients {
+            _ if count == 0 => {}
+            // A Provenance whose target is one of the job's resources is in that patient's
+            // compartment when it also targets the patient (as Synthea's and most systems'
+            // do), or else usually in no compartment at all: look in those two places, so the
+            // work follows the job's patients rather than the store's size.
+            Some(patients) => {
+                for batch in patients.chunks(PATIENTS_PER_UNIT) {
+                    units.push(UnitPlan {
+                        resource_type: "Provenance".to_owned(),
+                        kind: UnitKind::Provenance,
+                        scope: UnitScope::Patients(batch.to_vec()),
+                        seq_after: 0,
+                        seq_upto: upto,
+                    });
+                }
+                // (Their Provenance is already counted in the batches' compartment rows.)
+                units.extend(provenance_range(UnitScope::Outside, 1));
+            }
+            None => {
+                estimated_resources += count;
+                units.extend(provenance_range(UnitScope::All, count));
             }
         }
     }

@@ -114,6 +114,8 @@ pub enum UnitScope {
     /// Those in the compartment of one of these patients (Group export, `patient`); the unit's
     /// `resource_type` is then a comma-separated list of types.
     Patients(Vec<String>),
+    /// Those in no patient's compartment.
+    Outside,
 }
 
 impl UnitScope {
@@ -122,6 +124,30 @@ impl UnitScope {
             Self::All => "all",
             Self::Compartment => "compartment",
             Self::Patients(_) => "patients",
+            Self::Outside => "outside",
+        }
+    }
+
+    /// The scope as a unit row stores it: [`UnitScope::as_str`], and the patients as JSON.
+    pub fn from_stored(scope: &str, patients: Option<&str>) -> Self {
+        match scope {
+            "compartment" => Self::Compartment,
+            "outside" => Self::Outside,
+            "patients" => Self::Patients(
+                patients
+                    .and_then(|p| serde_json::from_str(p).ok())
+                    .unwrap_or_default(),
+            ),
+            _ => Self::All,
+        }
+    }
+
+    /// The SQL condition on `compartment_size` of a range scope (empty for none).
+    pub(crate) fn compartment_condition(&self) -> &'static str {
+        match self {
+            Self::Compartment => " AND compartment_size > 0",
+            Self::Outside => " AND compartment_size = 0",
+            Self::All | Self::Patients(_) => "",
         }
     }
 }

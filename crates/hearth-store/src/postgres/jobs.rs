@@ -207,11 +207,7 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let deleted = matches!(unit.kind, UnitKind::Deleted);
         let upto = unit.seq_upto.min(unit.snapshot_seq);
-        let compartment = if unit.scope == UnitScope::Compartment {
-            " AND compartment_size > 0"
-        } else {
-            ""
-        };
+        let compartment = unit.scope.compartment_condition();
         let sql = format!(
             "SELECT seq, res_type, res_id, last_updated, body, compartment_size FROM resource_version
              WHERE res_type = $1 AND seq > $2 AND seq <= $3
@@ -269,15 +265,18 @@ impl PgStore {
         let by_seq: Vec<&[(Seq, i64)]> = routes.chunk_by(|a, b| a.0 == b.0).collect();
         for chunk in by_seq.chunks(2_000) {
             let seqs: Vec<Seq> = chunk.iter().map(|same_seq| same_seq[0].0).collect();
+            // Rows of other types stay in the database rather than crossing the wire.
             let mut rows = sqlx::query(
                 "SELECT seq, res_type, res_id, last_updated, body, compartment_size, version
                  FROM resource_version
                  WHERE seq = ANY($1) AND (superseded_by IS NULL OR superseded_by > $2) AND deleted = $3
+                   AND res_type = ANY($4)
                  ORDER BY seq",
             )
             .bind(&seqs)
             .bind(unit.snapshot_seq)
             .bind(deleted)
+            .bind(&types)
             .fetch(&self.pool);
             let mut pending = chunk.iter();
             while let Some(row) = rows.try_next().await? {
@@ -616,15 +615,7 @@ impl JobStore for PgStore {
         let kind: &str = row.try_get(3)?;
         let scope: &str = row.try_get(9)?;
         let patients: Option<String> = row.try_get(10)?;
-        let scope = match scope {
-            "compartment" => UnitScope::Compartment,
-            "patients" => UnitScope::Patients(
-                patients
-                    .and_then(|p| serde_json::from_str(&p).ok())
-                    .unwrap_or_default(),
-            ),
-            _ => UnitScope::All,
-        };
+        let scope = UnitScope::from_stored(scope, patients.as_deref());
         let unit = ClaimedUnit {
             job_id: row.try_get(0)?,
             unit_no: row.try_get(1)?,

@@ -79,13 +79,9 @@ pub fn scan(
         Value::Integer(deleted.into()),
     ];
     let sql = match &unit.scope {
-        UnitScope::All | UnitScope::Compartment => {
+        UnitScope::All | UnitScope::Compartment | UnitScope::Outside => {
             values[0] = Value::Text(unit.resource_type.clone());
-            let compartment = if unit.scope == UnitScope::Compartment {
-                " AND rv.compartment_size > 0"
-            } else {
-                ""
-            };
+            let compartment = unit.scope.compartment_condition();
             format!(
                 "SELECT rv.seq, rv.res_type, rv.res_id, rv.last_updated, rv.body, rv.compartment_size, 0
                  FROM resource_version rv
@@ -139,22 +135,53 @@ fn scan_patients(
     each: &mut dyn FnMut(ScanRow<'_>) -> std::io::Result<bool>,
 ) -> Result<(), ScanError> {
     let upto = unit.seq_upto.min(unit.snapshot_seq);
+    let types: Vec<&str> = unit.resource_type.split(',').collect();
     let mut routes: Vec<(Seq, i64)> = Vec::new();
     {
         use rusqlite::types::Value;
         let mut values = vec![Value::Integer(unit.seq_after), Value::Integer(upto)];
-        let mut keys = String::new();
-        for patient in patients {
-            values.push(Value::Integer(super::resource_key("Patient", patient)));
-            if !keys.is_empty() {
-                keys.push(',');
+        let placeholders = |values: &mut Vec<Value>, items: Vec<Value>| {
+            let mut list = String::new();
+            for item in items {
+                values.push(item);
+                if !list.is_empty() {
+                    list.push(',');
+                }
+                list.push_str(&format!("?{}", values.len()));
             }
-            keys.push_str(&format!("?{}", values.len()));
-        }
+            list
+        };
+        let keys = placeholders(
+            &mut values,
+            patients
+                .iter()
+                .map(|p| Value::Integer(super::resource_key("Patient", p)))
+                .collect(),
+        );
+        // A unit of a few types (the Provenance step, a narrow `_type`) would otherwise read
+        // every compartment row of its patients to learn its type: the type index answers
+        // that without touching the table.
+        let of_types = if types.len() <= 3 {
+            let list = placeholders(
+                &mut values,
+                types.iter().map(|t| Value::Text((*t).to_owned())).collect(),
+            );
+            // Bulk loads leave each type in a narrow band of sequence numbers: bounding the
+            // routes by the band spares most of the lookups.
+            format!(
+                " AND seq BETWEEN
+                     (SELECT MIN(seq) FROM resource_version INDEXED BY resource_version_by_type WHERE res_type IN ({list}))
+                 AND (SELECT MAX(seq) FROM resource_version INDEXED BY resource_version_by_type WHERE res_type IN ({list}))
+                 AND EXISTS (SELECT 1 FROM resource_version INDEXED BY resource_version_by_type
+                   WHERE res_type IN ({list}) AND resource_version.seq = compartment_member.seq)"
+            )
+        } else {
+            String::new()
+        };
         let mut members = conn
             .prepare(&format!(
                 "SELECT seq, patient_key FROM compartment_member
-                 WHERE patient_key IN ({keys}) AND seq > ?1 AND seq <= ?2"
+                 WHERE patient_key IN ({keys}) AND seq > ?1 AND seq <= ?2{of_types}"
             ))
             .map_err(StoreError::from)?;
         let found = members
@@ -167,7 +194,6 @@ fn scan_patients(
         }
     }
     routes.sort_unstable();
-    let types: Vec<&str> = unit.resource_type.split(',').collect();
     let deleted = matches!(unit.kind, UnitKind::Deleted);
     let mut row_at = conn
         .prepare_cached(
@@ -466,15 +492,7 @@ impl JobStore for SqliteStore {
                         let kind: String = row.get(3)?;
                         let scope: String = row.get(9)?;
                         let patients: Option<String> = row.get(10)?;
-                        let scope = match scope.as_str() {
-                            "compartment" => UnitScope::Compartment,
-                            "patients" => UnitScope::Patients(
-                                patients
-                                    .and_then(|p| serde_json::from_str(&p).ok())
-                                    .unwrap_or_default(),
-                            ),
-                            _ => UnitScope::All,
-                        };
+                        let scope = UnitScope::from_stored(&scope, patients.as_deref());
                         Ok(ClaimedUnit {
                             job_id: row.get(0)?,
                             unit_no: row.get(1)?,

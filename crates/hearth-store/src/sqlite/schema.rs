@@ -127,6 +127,11 @@ const MIGRATIONS: &[&str] = &[
         name   TEXT PRIMARY KEY,
         secret BLOB NOT NULL
     );
+    "#, // 4: versions in no patient's compartment, by type: a Group export looks there for the
+    // Provenance of its resources without reading every Provenance in the store.
+    r#"
+    CREATE INDEX resource_version_outside_compartments ON resource_version (res_type, seq)
+        WHERE compartment_size = 0;
     "#,
 ];
 

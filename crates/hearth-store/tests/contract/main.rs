@@ -82,7 +82,7 @@ macro_rules! contract_suite {
                 scans::scan_all_sees_the_versions_visible_at_the_snapshot,
                 scans::scan_stays_inside_the_units_seq_window,
                 scans::scan_deleted_returns_the_tombstones_of_the_window,
-                scans::scan_compartment_returns_only_resources_in_a_patient_compartment,
+                scans::scan_compartment_and_outside_split_resources_by_compartment,
                 scans::scan_patients_returns_the_units_patients_rows_with_via_patient,
                 scans::scan_patients_deleted_passes_the_ended_body_of_shared_tombstones,
                 scans::scan_stops_when_the_consumer_returns_false,

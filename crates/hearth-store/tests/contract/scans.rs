@@ -157,9 +157,7 @@ pub async fn scan_deleted_returns_the_tombstones_of_the_window(store: Arc<dyn Ba
     assert_eq!(ids_of(&scan(&store, output).await), ["p1", "p3", "p4"]);
 }
 
-pub async fn scan_compartment_returns_only_resources_in_a_patient_compartment(
-    store: Arc<dyn Backend>,
-) {
+pub async fn scan_compartment_and_outside_split_resources_by_compartment(store: Arc<dyn Backend>) {
     write_each(
         &store,
         vec![
@@ -198,6 +196,28 @@ pub async fn scan_compartment_returns_only_resources_in_a_patient_compartment(
     assert_eq!(
         sizes(scan(&store, all).await),
         [("o1".into(), 1), ("o2".into(), 0), ("o3".into(), 2)]
+    );
+    // A new version that leaves every compartment moves the resource outside; the snapshot
+    // still sees the old one inside.
+    write_one(&store, put(&observation("o1", "Group/g1", 71))).await;
+    let outside = |upto| {
+        scan_unit(
+            "Observation",
+            UnitKind::Output,
+            UnitScope::Outside,
+            0,
+            upto,
+            upto,
+        )
+    };
+    assert_eq!(
+        sizes(scan(&store, outside(snapshot.seq)).await),
+        [("o2".into(), 0)]
+    );
+    let later = store.snapshot().await.unwrap();
+    assert_eq!(
+        ids_of(&scan(&store, outside(later.seq)).await),
+        ["o2", "o1"]
     );
 }
 
