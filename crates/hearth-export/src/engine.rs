@@ -336,6 +336,7 @@ impl ExportEngine {
                 path: format!("{job_id}/{}", file.name),
                 count: file.count,
                 bytes: file.bytes,
+                continues: false,
             })
             .collect())
     }
@@ -905,6 +906,7 @@ impl Inner {
                 path: format!("{}/{}", unit.job_id, file.name),
                 count: file.count,
                 bytes: file.bytes,
+                continues: false,
             })
             .collect();
         let rows = written_rows;

@@ -119,6 +119,11 @@ const MIGRATIONS: &[&str] = &[
         secret BYTEA NOT NULL
     );
     "#,
+    // 4: output organized in blocks (organizeOutputBy): a file whose last block goes on in
+    // the unit's next part.
+    r#"
+    ALTER TABLE export_file ADD COLUMN continues BOOLEAN NOT NULL DEFAULT FALSE;
+    "#,
 ];
 
 /// The schema version this build writes.

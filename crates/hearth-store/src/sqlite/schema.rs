@@ -128,6 +128,11 @@ const MIGRATIONS: &[&str] = &[
         secret BLOB NOT NULL
     );
     "#,
+    // 4: output organized in blocks (organizeOutputBy): a file whose last block goes on in
+    // the unit's next part.
+    r#"
+    ALTER TABLE export_file ADD COLUMN continues INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.
