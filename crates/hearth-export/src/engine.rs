@@ -11,9 +11,9 @@ use hearth_fhir::instant::{Micros, now_micros};
 use hearth_fhir::outcome::{Issue, Severity, operation_outcome};
 use hearth_store::jobs::{
     CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, NewJob, Snapshot, UnitCommit,
-    UnitKind,
+    UnitKind, UnitScope,
 };
-use hearth_store::{Backend, StoreError};
+use hearth_store::{Backend, StoreError, resource_key};
 use tokio::runtime::Handle;
 
 use crate::files::RollingWriter;
@@ -21,8 +21,8 @@ use crate::manifest;
 use crate::output::{Output, OutputError, RemoteFile};
 use crate::planner::provenance_by_target;
 use crate::planner::{PlanError, plan};
-use crate::request::{ExportRequest, ParameterError};
-use crate::unit::{RowPolicy, UnitFiles, deletion_bundle, keys_file_name};
+use crate::request::{ExportRequest, Level, ParameterError};
+use crate::unit::{RowPolicy, UnitFiles, block_header, deletion_bundle, keys_file_name};
 
 /// How the engine runs.
 #[derive(Debug, Clone)]
@@ -299,29 +299,48 @@ impl ExportEngine {
         Ok(id)
     }
 
-    /// The lenient-mode report: one OperationOutcome per ignored parameter.
+    /// The report known at kick-off: one OperationOutcome per ignored parameter (lenient
+    /// mode), and what a system export organized by Patient leaves out.
     fn write_ignored_report(
         &self,
         job_id: &str,
         request: &ExportRequest,
     ) -> std::io::Result<Vec<FileRecord>> {
-        if request.ignored.is_empty() {
+        let mut issues: Vec<Issue> = request
+            .ignored
+            .iter()
+            .map(|ignored| {
+                Issue::new(
+                    Severity::Warning,
+                    if ignored.name == "patient" {
+                        "not-found"
+                    } else {
+                        "not-supported"
+                    },
+                    ignored.reason.clone(),
+                )
+                .at(ignored.name.clone())
+            })
+            .collect();
+        // The IG lets organized output drop resources that no block references.
+        if request.level == Level::System
+            && let Some(organizing_type) = &request.organize_output_by
+        {
+            issues.push(
+                Issue::information(format!(
+                    "the output is organized by {organizing_type}: resources outside every Patient compartment are not part of it"
+                ))
+                .at("organizeOutputBy"),
+            );
+        }
+        if issues.is_empty() {
             return Ok(Vec::new());
         }
         let dir = self.inner.config.export_dir.join(job_id);
         std::fs::create_dir_all(&dir)?;
         let mut writer = RollingWriter::new(&dir, "errors", u64::MAX);
-        for ignored in &request.ignored {
-            writer.write_line(&operation_outcome(&[Issue::new(
-                Severity::Warning,
-                if ignored.name == "patient" {
-                    "not-found"
-                } else {
-                    "not-supported"
-                },
-                ignored.reason.clone(),
-            )
-            .at(ignored.name.clone())]))?;
+        for issue in issues {
+            writer.write_line(&operation_outcome(&[issue]))?;
         }
         Ok(writer
             .finish()?
@@ -336,6 +355,7 @@ impl ExportEngine {
                 path: format!("{job_id}/{}", file.name),
                 count: file.count,
                 bytes: file.bytes,
+                continues: false,
             })
             .collect())
     }
@@ -812,6 +832,18 @@ impl Inner {
         }
         let record_keys = unit.kind == UnitKind::Output && provenance_by_target(&request);
         let mut files = UnitFiles::new(&dir, unit, self.config.max_file_bytes, record_keys)?;
+        // Organized output: the unit's patients by key, to name the block each row opens.
+        let blocks: Option<(&str, HashMap<i64, &str>)> = match &unit.scope {
+            UnitScope::PatientBlocks(patients) if unit.kind == UnitKind::Output => Some((
+                request.organize_output_by.as_deref().unwrap_or("Patient"),
+                patients
+                    .iter()
+                    .map(|id| (resource_key("Patient", id), id.as_str()))
+                    .collect(),
+            )),
+            _ => None,
+        };
+        let mut block_of = None;
         let mut rows = 0u64;
         let mut written_rows = 0u64;
         let mut abandon = None;
@@ -822,7 +854,24 @@ impl Inner {
                     UnitKind::Output | UnitKind::Provenance => {
                         let shaped = policy.shape(row.resource_type, row.body);
                         files.record(row.resource_type, row.id)?;
-                        files.write(row.resource_type, &shaped)?;
+                        match &blocks {
+                            Some((organizing_type, patients)) => {
+                                // A block opens with the first row kept for its patient, so a
+                                // patient with nothing selected gets none.
+                                if block_of != Some(row.via_patient) {
+                                    let id = patients.get(&row.via_patient).ok_or_else(|| {
+                                        std::io::Error::other(
+                                            "the store returned a row of a patient outside the unit",
+                                        )
+                                    })?;
+                                    block_header(organizing_type, id, &mut line);
+                                    files.start_block(organizing_type, &line)?;
+                                    block_of = Some(row.via_patient);
+                                }
+                                files.write_in_block(&shaped)?;
+                            }
+                            None => files.write(row.resource_type, &shaped)?,
+                        }
                     }
                     UnitKind::Deleted => {
                         deletion_bundle(row.resource_type, row.id, row.last_updated, &mut line);
@@ -905,6 +954,7 @@ impl Inner {
                 path: format!("{}/{}", unit.job_id, file.name),
                 count: file.count,
                 bytes: file.bytes,
+                continues: file.continues,
             })
             .collect();
         let rows = written_rows;

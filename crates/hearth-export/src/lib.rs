@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //! - [`request`]: the kick-off parameters, validated (or refused by name).
-//! - [`planner`]: a job split into units of resource type × change-sequence range.
+//! - [`planner`]: a job split into units of resource type × change-sequence range, or of
+//!   patient batches × compartment types.
 //! - [`engine`]: kick-off, status, cancel, downloads, and the worker pool.
 //! - [`unit`]: what a worker does with each row (de-duplication, `_elements`, routing).
-//! - [`files`]: NDJSON files that roll over by size.
+//! - [`files`]: NDJSON files that roll over by size, and files of resource blocks
+//!   (`organizeOutputBy`) that roll over between blocks.
 //! - [`manifest`]: the completion manifest.
 //! - [`output`]: where finished files live: the local export directory or object storage.
 //! - `testing` (feature `testing`): an S3-compatible test server for other crates' tests.

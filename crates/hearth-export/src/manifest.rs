@@ -1,6 +1,8 @@
 //! The completion manifest, assembled once when the last unit commits and stored with the job:
 //! status requests only read it.
 
+use std::collections::HashMap;
+
 use hearth_fhir::instant::format_instant;
 use hearth_store::jobs::{FileRecord, JobRecord};
 use serde::{Deserialize, Serialize};
@@ -21,16 +23,30 @@ struct Manifest {
     output: Vec<Item>,
     deleted: Vec<Item>,
     error: Vec<Item>,
+    #[serde(
+        rename = "outputOrganizedBy",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    output_organized_by: Option<String>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     extension: Map<String, Value>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Item {
-    #[serde(rename = "type")]
-    resource_type: String,
+    /// Absent from the `output` of organized output, whose files hold blocks of many types.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    resource_type: Option<String>,
     url: String,
+    /// Lines: resources, and the block headers of organized output.
     count: u64,
+    #[serde(
+        rename = "continuesInFile",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    continues_in_file: Option<String>,
 }
 
 /// The URL a file is downloaded from.
@@ -45,14 +61,26 @@ pub fn build(
     base_url: &str,
     requires_access_token: bool,
 ) -> String {
+    let organized = request.organize_output_by.is_some();
+    // A block that goes on continues in its unit's next part.
+    let parts: HashMap<(i64, i64), &str> = files
+        .iter()
+        .filter(|f| f.kind == "output")
+        .map(|f| ((f.unit_no, f.part), f.id.as_str()))
+        .collect();
     let items = |kind: &str| -> Vec<Item> {
         files
             .iter()
             .filter(|f| f.kind == kind && f.count > 0)
             .map(|f| Item {
-                resource_type: f.resource_type.clone(),
+                resource_type: (!organized || kind != "output").then(|| f.resource_type.clone()),
                 url: file_url(base_url, &f.id),
                 count: f.count,
+                continues_in_file: f
+                    .continues
+                    .then(|| parts.get(&(f.unit_no, f.part + 1)))
+                    .flatten()
+                    .map(|next| file_url(base_url, next)),
             })
             .collect()
     };
@@ -70,6 +98,7 @@ pub fn build(
         output: items("output"),
         deleted: items("deleted"),
         error: items("error"),
+        output_organized_by: request.organize_output_by.clone(),
         extension,
     };
     serde_json::to_string(&manifest).unwrap_or_default()
@@ -93,6 +122,11 @@ pub fn with_urls(
         if let Some(url) = url_for(&item.url) {
             item.url = url;
         }
+        if let Some(next) = &item.continues_in_file
+            && let Some(url) = url_for(next)
+        {
+            item.continues_in_file = Some(url);
+        }
     }
     serde_json::to_string(&parsed)
 }
@@ -100,6 +134,20 @@ pub fn with_urls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn organized_output_has_no_types_and_links_continued_files() {
+        let stored = r#"{"transactionTime":"2026-01-01T00:00:00Z","request":"http://h/fhir/$export?organizeOutputBy=Patient","requiresAccessToken":true,"output":[{"url":"http://h/fhir/Binary/a","count":5,"continuesInFile":"http://h/fhir/Binary/b"},{"url":"http://h/fhir/Binary/b","count":2}],"deleted":[],"error":[],"outputOrganizedBy":"Patient"}"#;
+        let rewritten = with_urls(stored, true, |url| {
+            url.strip_prefix("http://h/fhir/Binary/")
+                .map(|id| format!("https://bucket/{id}"))
+        })
+        .unwrap();
+        assert_eq!(
+            rewritten,
+            stored.replace("http://h/fhir/Binary/", "https://bucket/")
+        );
+    }
 
     #[test]
     fn urls_are_rewritten_and_everything_else_kept() {

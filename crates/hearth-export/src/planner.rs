@@ -2,7 +2,10 @@
 //! - system and `Patient/$export`: resource type × change-sequence range (the latter only
 //!   resources in some patient's compartment);
 //! - Group and `patient`: batches of patients × compartment types, driven by the compartment
-//!   index (one query per batch, never one per patient).
+//!   index (one query per batch, never one per patient);
+//! - `organizeOutputBy=Patient`, at every level: batches of patients × compartment types,
+//!   scanned block by block; at system and Patient level the patients are every Patient
+//!   current at the snapshot. Deletions are planned as without it.
 
 use hearth_fhir::compartment::{is_patient_compartment_type, patient_id_from_reference};
 use hearth_fhir::instant::{Micros, parse_instant};
@@ -126,8 +129,12 @@ fn active_patient_members(group: &[u8], at: Micros) -> Vec<String> {
 }
 
 /// Whether the job picks its Provenance by target after the other units (see
-/// `UnitKind::Provenance`).
+/// `UnitKind::Provenance`). Never for organized output: Provenance there is what each
+/// patient's compartment holds (its target is the patient), inside the patient's block.
 pub fn provenance_by_target(request: &ExportRequest) -> bool {
+    if request.organize_output_by.is_some() {
+        return false;
+    }
     let provenance_requested =
         request.types.is_empty() || request.types.iter().any(|t| t == "Provenance");
     let compartment_level = request.level != Level::System;
@@ -202,13 +209,17 @@ pub async fn plan(
         }
     };
 
+    let organized = request.organize_output_by.is_some();
     let compartment_level = request.level != Level::System;
     let mut types: Vec<String> = if request.types.is_empty() {
         backend.types_present(since_seq, upto).await?
     } else {
         request.types.clone()
     };
-    if compartment_level {
+    if organized && request.relevant_provenance && !types.iter().any(|t| t == "Provenance") {
+        types.push("Provenance".to_owned());
+    }
+    if compartment_level || organized {
         types.retain(|t| is_patient_compartment_type(t));
     }
     // Provenance that belongs with exported resources is chosen after them, by target (see
@@ -220,85 +231,66 @@ pub async fn plan(
         types.retain(|t| t != "Provenance");
     }
 
-    let mut sized = Vec::new();
-    let mut deletions = Vec::new();
-    let mut estimated_resources = 0;
-    match &patients {
-        Some(patients) => {
-            // Types present at all keep the IN list short.
-            let present = backend.types_present(since_seq, upto).await?;
-            types.retain(|t| present.contains(t));
-            if !types.is_empty() && !patients.is_empty() && upto > since_seq {
-                let type_list = types.join(",");
-                for batch in patients.chunks(PATIENTS_PER_UNIT) {
-                    let estimate = backend.compartment_rows(batch, since_seq, upto).await?;
-                    estimated_resources += estimate;
-                    let scope = UnitScope::Patients(batch.to_vec());
-                    sized.push((
-                        estimate,
-                        UnitPlan {
-                            resource_type: type_list.clone(),
-                            kind: UnitKind::Output,
-                            scope: scope.clone(),
-                            seq_after: since_seq,
-                            seq_upto: upto,
-                        },
-                    ));
-                    if request.since.is_some() {
-                        deletions.push(UnitPlan {
-                            resource_type: type_list.clone(),
-                            kind: UnitKind::Deleted,
-                            scope,
-                            seq_after: since_seq,
-                            seq_upto: upto,
-                        });
-                    }
+    let mut work = Work::default();
+    if !types.is_empty() && upto > since_seq {
+        let window = (since_seq, upto);
+        let with_deletions = request.since.is_some();
+        match &patients {
+            Some(patients) => {
+                // Types present at all keep the IN list short.
+                let present = backend.types_present(since_seq, upto).await?;
+                types.retain(|t| present.contains(t));
+                work.patient_batches(backend, patients, &types, window, organized, with_deletions)
+                    .await?;
+            }
+            None if organized => {
+                let everyone = backend.current_ids("Patient", upto).await?;
+                let present = backend.types_present(since_seq, upto).await?;
+                let present_types: Vec<String> = types
+                    .iter()
+                    .filter(|t| present.contains(t))
+                    .cloned()
+                    .collect();
+                work.patient_batches(backend, &everyone, &present_types, window, true, false)
+                    .await?;
+                if with_deletions {
+                    // As without organizeOutputBy: the compartments' deletions by type.
+                    work.type_ranges(
+                        backend,
+                        &types,
+                        UnitScope::Compartment,
+                        window,
+                        rows_per_unit,
+                        false,
+                        true,
+                    )
+                    .await?;
                 }
             }
-        }
-        None => {
-            let scope = if compartment_level {
-                UnitScope::Compartment
-            } else {
-                UnitScope::All
-            };
-            for resource_type in types {
-                if upto <= since_seq {
-                    break;
-                }
-                let (count, first, last) =
-                    backend.type_range(&resource_type, since_seq, upto).await?;
-                if count == 0 {
-                    continue;
-                }
-                estimated_resources += count;
-                let pieces = count.div_ceil(rows_per_unit.max(1)) as i64;
-                let start = first - 1;
-                let width = last - start;
-                for piece in 0..pieces {
-                    sized.push((
-                        count / pieces as u64,
-                        UnitPlan {
-                            resource_type: resource_type.clone(),
-                            kind: UnitKind::Output,
-                            scope: scope.clone(),
-                            seq_after: start + width * piece / pieces,
-                            seq_upto: start + width * (piece + 1) / pieces,
-                        },
-                    ));
-                }
-                if request.since.is_some() {
-                    deletions.push(UnitPlan {
-                        resource_type,
-                        kind: UnitKind::Deleted,
-                        scope: scope.clone(),
-                        seq_after: start,
-                        seq_upto: last,
-                    });
-                }
+            None => {
+                let scope = if compartment_level {
+                    UnitScope::Compartment
+                } else {
+                    UnitScope::All
+                };
+                work.type_ranges(
+                    backend,
+                    &types,
+                    scope,
+                    window,
+                    rows_per_unit,
+                    true,
+                    with_deletions,
+                )
+                .await?;
             }
         }
     }
+    let Work {
+        mut sized,
+        deletions,
+        mut estimated_resources,
+    } = work;
     // Largest first, so the last unit to finish is a small one.
     sized.sort_by_key(|(rows, _)| std::cmp::Reverse(*rows));
     let mut units: Vec<UnitPlan> = sized.into_iter().map(|(_, unit)| unit).collect();
@@ -350,6 +342,110 @@ pub async fn plan(
         patients: patients.unwrap_or_default(),
         problems,
     })
+}
+
+/// Units being planned: output units with their estimated size, then deletion units.
+#[derive(Default)]
+struct Work {
+    sized: Vec<(u64, UnitPlan)>,
+    deletions: Vec<UnitPlan>,
+    estimated_resources: u64,
+}
+
+impl Work {
+    /// Batches of patients × `types`, one compartment-index count per batch. `blocks`: the
+    /// output units are scanned block by block (organized output).
+    async fn patient_batches(
+        &mut self,
+        backend: &dyn Backend,
+        patients: &[String],
+        types: &[String],
+        (since_seq, upto): (Seq, Seq),
+        blocks: bool,
+        with_deletions: bool,
+    ) -> Result<(), StoreError> {
+        if types.is_empty() || patients.is_empty() {
+            return Ok(());
+        }
+        let type_list = types.join(",");
+        for batch in patients.chunks(PATIENTS_PER_UNIT) {
+            let estimate = backend.compartment_rows(batch, since_seq, upto).await?;
+            self.estimated_resources += estimate;
+            let scope = if blocks {
+                UnitScope::PatientBlocks(batch.to_vec())
+            } else {
+                UnitScope::Patients(batch.to_vec())
+            };
+            self.sized.push((
+                estimate,
+                UnitPlan {
+                    resource_type: type_list.clone(),
+                    kind: UnitKind::Output,
+                    scope,
+                    seq_after: since_seq,
+                    seq_upto: upto,
+                },
+            ));
+            if with_deletions {
+                self.deletions.push(UnitPlan {
+                    resource_type: type_list.clone(),
+                    kind: UnitKind::Deleted,
+                    scope: UnitScope::Patients(batch.to_vec()),
+                    seq_after: since_seq,
+                    seq_upto: upto,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Resource type × change-sequence range units, split to about `rows_per_unit` each.
+    #[allow(clippy::too_many_arguments)]
+    async fn type_ranges(
+        &mut self,
+        backend: &dyn Backend,
+        types: &[String],
+        scope: UnitScope,
+        (since_seq, upto): (Seq, Seq),
+        rows_per_unit: u64,
+        with_output: bool,
+        with_deletions: bool,
+    ) -> Result<(), StoreError> {
+        for resource_type in types {
+            let (count, first, last) = backend.type_range(resource_type, since_seq, upto).await?;
+            if count == 0 {
+                continue;
+            }
+            let start = first - 1;
+            if with_output {
+                self.estimated_resources += count;
+                let pieces = count.div_ceil(rows_per_unit.max(1)) as i64;
+                let width = last - start;
+                for piece in 0..pieces {
+                    self.sized.push((
+                        count / pieces as u64,
+                        UnitPlan {
+                            resource_type: resource_type.clone(),
+                            kind: UnitKind::Output,
+                            scope: scope.clone(),
+                            seq_after: start + width * piece / pieces,
+                            seq_upto: start + width * (piece + 1) / pieces,
+                        },
+                    ));
+                }
+            }
+            if with_deletions {
+                self.deletions.push(UnitPlan {
+                    resource_type: resource_type.clone(),
+                    kind: UnitKind::Deleted,
+                    scope: scope.clone(),
+                    seq_after: start,
+                    seq_upto: last,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Every R4 type whose resources can be in a patient's compartment.

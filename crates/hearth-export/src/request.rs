@@ -61,6 +61,9 @@ pub struct ExportRequest {
     /// The patients a Group or `patient` export covers, resolved at kick-off.
     #[serde(default)]
     pub resolved_patients: Vec<String>,
+    /// `organizeOutputBy`: the type whose resource blocks the files hold (only `Patient`).
+    #[serde(default)]
+    pub organize_output_by: Option<String>,
     pub ignored: Vec<IgnoredParameter>,
     /// The kick-off URL as the client sent it (without a POST body).
     pub request_url: String,
@@ -86,7 +89,10 @@ pub const NDJSON_FORMATS: &[&str] = &["application/fhir+ndjson", "application/nd
 
 /// Parameters defined by the Bulk Data IG that a later version of this engine implements:
 /// refused by name (or ignored and reported when lenient), never silently ignored.
-const NOT_YET_SUPPORTED: &[&str] = &["organizeOutputBy", "allowPartialManifests"];
+const NOT_YET_SUPPORTED: &[&str] = &["allowPartialManifests"];
+
+/// The `organizeOutputBy` values this server implements.
+const ORGANIZING_TYPES: &[&str] = &["Patient"];
 
 /// `includeAssociatedData` values (CodeSystem
 /// `http://hl7.org/fhir/uv/bulkdata/CodeSystem/include-associated-data`).
@@ -144,6 +150,7 @@ impl ExportRequest {
             patients: Vec::new(),
             relevant_provenance: false,
             resolved_patients: Vec::new(),
+            organize_output_by: None,
             type_filters: Vec::new(),
             scope_filters: Vec::new(),
             ignored: Vec::new(),
@@ -307,6 +314,30 @@ impl ExportRequest {
                         }
                     }
                 }
+                "organizeOutputBy" => {
+                    if request.organize_output_by.is_some() {
+                        return Err(refuse(name, "organizeOutputBy may be given only once"));
+                    }
+                    match ORGANIZING_TYPES.iter().find(|t| **t == value) {
+                        Some(organizing) => {
+                            request.organize_output_by = Some((*organizing).to_owned())
+                        }
+                        None if lenient => request.ignored.push(IgnoredParameter {
+                            name: name.clone(),
+                            reason: format!(
+                                "organizeOutputBy '{value}' is not supported (Patient is); the output is organized by type"
+                            ),
+                        }),
+                        None => {
+                            return Err(refuse(
+                                name,
+                                format!(
+                                    "organizeOutputBy '{value}' is not supported; only Patient is"
+                                ),
+                            ));
+                        }
+                    }
+                }
                 // Asks for the JSON OperationOutcome format that Hearth uses anyway.
                 "_format"
                     if matches!(value, "json" | "application/json" | "application/fhir+json") => {}
@@ -356,7 +387,8 @@ impl ExportRequest {
                 return Err(refuse("includeAssociatedData", reason));
             }
         }
-        if request.level != Level::System {
+        // Blocks hold patient compartments, whatever the level.
+        if request.level != Level::System || request.organize_output_by.is_some() {
             let mut kept = Vec::new();
             for resource_type in std::mem::take(&mut request.types) {
                 if hearth_fhir::compartment::is_patient_compartment_type(&resource_type) {
@@ -369,10 +401,15 @@ impl ExportRequest {
                         ),
                     });
                 } else {
+                    let covered_by = if request.level == Level::System {
+                        "output organized by Patient"
+                    } else {
+                        "Patient and Group exports"
+                    };
                     return Err(refuse(
                         "_type",
                         format!(
-                            "_type {resource_type} is not in the Patient compartment, which Patient and Group exports cover"
+                            "_type {resource_type} is not in the Patient compartment, which {covered_by} cover"
                         ),
                     ));
                 }
@@ -438,6 +475,38 @@ mod tests {
         ] {
             assert_eq!(parse(&params, false).unwrap_err().parameter, parameter);
         }
+    }
+
+    #[test]
+    fn organize_output_by_takes_patient_only() {
+        let request = parse(&[("organizeOutputBy", "Patient")], false).unwrap();
+        assert_eq!(request.organize_output_by.as_deref(), Some("Patient"));
+        for value in ["Encounter", "patient", ""] {
+            let refused = parse(&[("organizeOutputBy", value)], false).unwrap_err();
+            assert_eq!(refused.parameter, "organizeOutputBy");
+            let lenient = parse(&[("organizeOutputBy", value)], true).unwrap();
+            assert_eq!(lenient.organize_output_by, None);
+            assert_eq!(lenient.ignored[0].name, "organizeOutputBy");
+        }
+        // Resources outside every compartment have no block to go in.
+        let refused = parse(
+            &[
+                ("_type", "Patient,Organization"),
+                ("organizeOutputBy", "Patient"),
+            ],
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(refused.parameter, "_type");
+        let lenient = parse(
+            &[
+                ("_type", "Patient,Organization"),
+                ("organizeOutputBy", "Patient"),
+            ],
+            true,
+        )
+        .unwrap();
+        assert_eq!(lenient.types, ["Patient"]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use hearth_store::jobs::{ClaimedUnit, ScanRow, UnitKind, UnitScope};
 use hearth_store::resource_key;
 use serde::Deserialize;
 
-use crate::files::{RollingWriter, WrittenFile};
+use crate::files::{BlockWriter, RollingWriter, WrittenFile};
 use crate::request::ExportRequest;
 
 /// Row-level decisions for one unit, derived from the job's request.
@@ -202,12 +202,15 @@ impl RowPolicy<'_> {
     }
 }
 
-/// The files of one unit: one rolling writer per resource type (or one for deletions).
+/// The files of one unit: one rolling writer per resource type (or one for deletions), or the
+/// block files of organized output.
 pub struct UnitFiles<'d> {
     dir: &'d Path,
     prefix: String,
     max_bytes: u64,
     writers: BTreeMap<String, RollingWriter>,
+    /// Organized output: the group the files are recorded under, and their writer.
+    blocks: Option<(String, BlockWriter)>,
     /// The keys of the resources written, when the job later picks Provenance by target:
     /// 8 bytes a resource beside the NDJSON, so that step never re-reads the output.
     keys: Option<std::io::BufWriter<std::fs::File>>,
@@ -236,6 +239,7 @@ impl<'d> UnitFiles<'d> {
             prefix: format!("u{}-a{}", unit.unit_no, unit.attempt),
             max_bytes,
             writers: BTreeMap::new(),
+            blocks: None,
             keys,
         })
     }
@@ -262,6 +266,26 @@ impl<'d> UnitFiles<'d> {
         }
     }
 
+    /// Starts a block of organized output in the files of `group` (the organizing type).
+    pub fn start_block(&mut self, group: &str, header: &[u8]) -> std::io::Result<()> {
+        let (_, writer) = self.blocks.get_or_insert_with(|| {
+            let writer =
+                BlockWriter::new(self.dir, format!("{}-{group}", self.prefix), self.max_bytes);
+            (group.to_owned(), writer)
+        });
+        writer.start_block(header)
+    }
+
+    /// Appends a line to the block [`UnitFiles::start_block`] started last.
+    pub fn write_in_block(&mut self, line: &[u8]) -> std::io::Result<()> {
+        match self.blocks.as_mut() {
+            Some((_, writer)) => writer.write_line(line),
+            None => Err(std::io::Error::other(
+                "a block line before any block header",
+            )),
+        }
+    }
+
     /// Every file written, with the group it belongs to.
     pub fn finish(self) -> std::io::Result<Vec<(String, WrittenFile)>> {
         if let Some(keys) = self.keys {
@@ -269,6 +293,9 @@ impl<'d> UnitFiles<'d> {
         }
         let mut files = Vec::new();
         for (group, writer) in self.writers {
+            files.extend(writer.finish()?.into_iter().map(|f| (group.clone(), f)));
+        }
+        if let Some((group, writer)) = self.blocks {
             files.extend(writer.finish()?.into_iter().map(|f| (group.clone(), f)));
         }
         Ok(files)
@@ -279,7 +306,22 @@ impl<'d> UnitFiles<'d> {
         for writer in self.writers.into_values() {
             writer.discard();
         }
+        if let Some((_, writer)) = self.blocks {
+            writer.discard();
+        }
     }
+}
+
+/// The header line of the block of `resource_type/id` (`organizeOutputBy`): a `Parameters`
+/// whose `header` parameter references the resource.
+pub fn block_header(resource_type: &str, id: &str, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(
+        br#"{"resourceType":"Parameters","parameter":[{"name":"header","valueReference":{"reference":"#,
+    );
+    // serde_json escapes whatever an id might hold; writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &format!("{resource_type}/{id}"));
+    out.extend_from_slice(b"}}]}");
 }
 
 /// A `deleted` line: a transaction Bundle with one DELETE entry.
@@ -309,6 +351,16 @@ mod tests {
         assert_eq!(value["type"], "transaction");
         assert_eq!(value["entry"][0]["request"]["method"], "DELETE");
         assert_eq!(value["entry"][0]["request"]["url"], "Patient/p-1");
+    }
+
+    #[test]
+    fn block_headers_reference_the_blocks_resource() {
+        let mut line = Vec::new();
+        block_header("Patient", "p-1", &mut line);
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            r#"{"resourceType":"Parameters","parameter":[{"name":"header","valueReference":{"reference":"Patient/p-1"}}]}"#
+        );
     }
 
     #[test]

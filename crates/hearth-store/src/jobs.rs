@@ -22,7 +22,7 @@ pub(crate) const JOB_COLUMNS: &str =
 
 /// The columns of a [`FileRecord`] from `export_file f`, in its field order (both backends).
 pub(crate) const FILE_COLUMNS: &str =
-    "f.id, f.job_id, f.unit_no, f.part, f.res_type, f.kind, f.path, f.count, f.bytes";
+    "f.id, f.job_id, f.unit_no, f.part, f.res_type, f.kind, f.path, f.count, f.bytes, f.continues";
 use crate::model::Seq;
 
 /// Where a job is in its life.
@@ -114,6 +114,9 @@ pub enum UnitScope {
     /// Those in the compartment of one of these patients (Group export, `patient`); the unit's
     /// `resource_type` is then a comma-separated list of types.
     Patients(Vec<String>),
+    /// As [`UnitScope::Patients`], scanned patient by patient for output organized in blocks
+    /// (`organizeOutputBy=Patient`): see [`ScanSource::scan_unit`] for the order.
+    PatientBlocks(Vec<String>),
     /// Those in no patient's compartment.
     Outside,
 }
@@ -124,20 +127,32 @@ impl UnitScope {
             Self::All => "all",
             Self::Compartment => "compartment",
             Self::Patients(_) => "patients",
+            Self::PatientBlocks(_) => "patient-blocks",
             Self::Outside => "outside",
         }
     }
 
-    /// The scope as a unit row stores it: [`UnitScope::as_str`], and the patients as JSON.
-    pub fn from_stored(scope: &str, patients: Option<&str>) -> Self {
-        match scope {
+    /// The patients of a [`UnitScope::Patients`] or [`UnitScope::PatientBlocks`] unit.
+    pub fn patients(&self) -> Option<&[String]> {
+        match self {
+            Self::Patients(ids) | Self::PatientBlocks(ids) => Some(ids),
+            Self::All | Self::Compartment | Self::Outside => None,
+        }
+    }
+
+    /// Rebuilds a scope from its stored name and patient list (JSON); unknown names read as
+    /// [`UnitScope::All`].
+    pub(crate) fn from_stored(name: &str, patients: Option<&str>) -> Self {
+        let ids = || {
+            patients
+                .and_then(|p| serde_json::from_str(p).ok())
+                .unwrap_or_default()
+        };
+        match name {
             "compartment" => Self::Compartment,
             "outside" => Self::Outside,
-            "patients" => Self::Patients(
-                patients
-                    .and_then(|p| serde_json::from_str(p).ok())
-                    .unwrap_or_default(),
-            ),
+            "patients" => Self::Patients(ids()),
+            "patient-blocks" => Self::PatientBlocks(ids()),
             _ => Self::All,
         }
     }
@@ -147,8 +162,15 @@ impl UnitScope {
         match self {
             Self::Compartment => " AND compartment_size > 0",
             Self::Outside => " AND compartment_size = 0",
-            Self::All | Self::Patients(_) => "",
+            Self::All | Self::Patients(_) | Self::PatientBlocks(_) => "",
         }
+    }
+
+    /// The patient list as stored beside the scope's name.
+    pub(crate) fn stored_patients(&self) -> Result<Option<String>, StoreError> {
+        self.patients()
+            .map(|ids| serde_json::to_string(ids).map_err(|e| StoreError::Internal(e.to_string())))
+            .transpose()
     }
 }
 
@@ -235,6 +257,8 @@ pub struct FileRecord {
     pub path: String,
     pub count: u64,
     pub bytes: u64,
+    /// The file ends inside a block that the unit's next part continues (organized output).
+    pub continues: bool,
 }
 
 /// What committing a unit led to.
@@ -267,8 +291,9 @@ pub struct ScanRow<'a> {
     pub id: &'a str,
     /// How many patients' compartments hold the version.
     pub compartment_size: i64,
-    /// For [`UnitScope::Patients`]: the key of the unit's patient this row was found through
-    /// (a row in several of the unit's patients' compartments comes once per patient).
+    /// For [`UnitScope::Patients`] and [`UnitScope::PatientBlocks`]: the key of the unit's
+    /// patient this row was found through (a row in several of the unit's patients'
+    /// compartments comes once per patient).
     pub via_patient: i64,
     pub last_updated: Micros,
     /// The stored resource (empty for a deletion).
@@ -285,11 +310,37 @@ pub enum ScanError {
     Io(#[from] std::io::Error),
 }
 
+/// A row of a patients scan as the compartment index has it: `(seq, patient key)`.
+pub(crate) type Route = (Seq, i64);
+
+/// A version of a Patient resource: `(its key, seq)`.
+pub(crate) type PatientVersion = (i64, Seq);
+
+/// Puts a [`UnitScope::PatientBlocks`] unit's routes in block order: by the patient's place in
+/// `keys`, that patient's own Patient versions (`own`) first, then by change sequence.
+pub(crate) fn block_order(routes: &mut [Route], keys: &[i64], own: &[PatientVersion]) {
+    let place: std::collections::HashMap<i64, usize> =
+        keys.iter().enumerate().map(|(i, key)| (*key, i)).collect();
+    let own: std::collections::HashSet<PatientVersion> = own.iter().copied().collect();
+    routes.sort_unstable_by_key(|&(seq, key)| {
+        (
+            place.get(&key).copied().unwrap_or(usize::MAX),
+            !own.contains(&(key, seq)),
+            seq,
+        )
+    });
+}
+
 /// Streams a unit's rows on the calling (blocking) thread, never holding more than one row.
 pub trait ScanSource: Send + Sync + 'static {
     /// Calls `each` with the versions of the unit's type in `(seq_after, seq_upto]` that are the
     /// newest as of the job's snapshot: current resources for [`UnitKind::Output`], tombstones
     /// for [`UnitKind::Deleted`]. `each` stops the scan by returning `Ok(false)`.
+    ///
+    /// Rows of a [`UnitScope::PatientBlocks`] unit come patient by patient, in the order of the
+    /// unit's list: all rows found through one patient together, that patient's own Patient
+    /// resource first, then the others in change-sequence order. A row in several of the
+    /// patients' compartments comes in each of their blocks.
     fn scan_unit(
         &self,
         unit: &ClaimedUnit,
@@ -320,6 +371,10 @@ pub trait JobStore: Send + Sync + 'static {
         after: Seq,
         upto: Seq,
     ) -> Result<u64, StoreError>;
+
+    /// The ids of the resources of `resource_type` current (and not deleted) at `upto`, in
+    /// change-sequence order.
+    async fn current_ids(&self, resource_type: &str, upto: Seq) -> Result<Vec<String>, StoreError>;
 
     /// Resource types with at least one version in `(after, upto]`.
     async fn types_present(&self, after: Seq, upto: Seq) -> Result<Vec<String>, StoreError>;

@@ -16,7 +16,8 @@ use super::write::Clock;
 use crate::error::StoreError;
 use crate::jobs::{
     CancelOutcome, ClaimedUnit, FILE_COLUMNS, FileRecord, JOB_COLUMNS, JobRecord, JobStatus,
-    JobStore, NewJob, ScanError, ScanRow, ScanSource, Snapshot, UnitCommit, UnitKind, UnitScope,
+    JobStore, NewJob, PatientVersion, Route, ScanError, ScanRow, ScanSource, Snapshot, UnitCommit,
+    UnitKind, UnitScope, block_order,
 };
 use crate::model::Seq;
 use crate::resource_key;
@@ -59,6 +60,7 @@ fn file_record(row: &PgRow) -> Result<FileRecord, sqlx::Error> {
         path: row.try_get(6)?,
         count: row.try_get::<i64, _>(7)? as u64,
         bytes: row.try_get::<i64, _>(8)? as u64,
+        continues: row.try_get(9)?,
     })
 }
 
@@ -75,8 +77,8 @@ async fn load_job(conn: &mut PgConnection, id: &str) -> Result<Option<JobRecord>
 async fn insert_files(conn: &mut PgConnection, files: &[FileRecord]) -> Result<(), StoreError> {
     for f in files {
         sqlx::query(
-            "INSERT INTO export_file (id, job_id, unit_no, part, res_type, kind, path, count, bytes)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO export_file (id, job_id, unit_no, part, res_type, kind, path, count, bytes, continues)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&f.id)
         .bind(&f.job_id)
@@ -87,6 +89,7 @@ async fn insert_files(conn: &mut PgConnection, files: &[FileRecord]) -> Result<(
         .bind(&f.path)
         .bind(f.count as i64)
         .bind(f.bytes as i64)
+        .bind(f.continues)
         .execute(&mut *conn)
         .await?;
     }
@@ -188,7 +191,12 @@ impl PgStore {
             UnitScope::Patients(patients) => {
                 self.produce_patients(&unit, patients, &mut forwarder).await
             }
-            _ => self.produce_range(&unit, &mut forwarder).await,
+            UnitScope::PatientBlocks(patients) => {
+                self.produce_blocks(&unit, patients, &mut forwarder).await
+            }
+            UnitScope::All | UnitScope::Compartment | UnitScope::Outside => {
+                self.produce_range(&unit, &mut forwarder).await
+            }
         };
         match result {
             Ok(()) => {
@@ -288,23 +296,98 @@ impl PgStore {
                 if !types.contains(&resource_type) {
                     continue;
                 }
-                let compartment_size: i32 = row.try_get(5)?;
-                // A tombstone found through several patients is told apart by the compartment
-                // of the version it ended, whose body the worker reads in place of the empty one.
-                let ended_body = if deleted && compartment_size > 1 {
-                    let id: &str = row.try_get(2)?;
-                    let version: i64 = row.try_get(6)?;
-                    Some(
-                        super::read::version(&self.pool, resource_type, id, (version - 1) as u64)
-                            .await?
-                            .map(|v| v.body)
-                            .unwrap_or_default(),
-                    )
-                } else {
-                    None
-                };
+                let ended_body = self.ended_body(&row, deleted).await?;
                 let via = same_seq.iter().map(|&(_, patient)| patient).collect();
                 if !forwarder.push(row, via, ended_body).await {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A tombstone found through several patients is told apart by the compartment of the
+    /// version it ended, whose body the worker reads in place of the empty one. `row` has the
+    /// columns of a patients scan (version seventh).
+    async fn ended_body(&self, row: &PgRow, deleted: bool) -> Result<Option<Vec<u8>>, StoreError> {
+        let compartment_size: i32 = row.try_get(5)?;
+        if !deleted || compartment_size <= 1 {
+            return Ok(None);
+        }
+        let resource_type: &str = row.try_get(1)?;
+        let id: &str = row.try_get(2)?;
+        let version: i64 = row.try_get(6)?;
+        Ok(Some(
+            super::read::version(&self.pool, resource_type, id, (version - 1) as u64)
+                .await?
+                .map(|v| v.body)
+                .unwrap_or_default(),
+        ))
+    }
+
+    /// The rows of a batch of patients' compartments in block order (see
+    /// [`ScanSource::scan_unit`]): each route (row and patient) on its own, so a row shared by
+    /// several of the patients comes once in each of their blocks.
+    async fn produce_blocks(
+        &self,
+        unit: &ClaimedUnit,
+        patients: &[String],
+        forwarder: &mut RowForwarder,
+    ) -> Result<(), StoreError> {
+        let upto = unit.seq_upto.min(unit.snapshot_seq);
+        let keys: Vec<i64> = patients
+            .iter()
+            .map(|p| resource_key("Patient", p))
+            .collect();
+        let mut routes: Vec<Route> = sqlx::query_as(
+            "SELECT seq, patient_key FROM compartment_member
+             WHERE patient_key = ANY($1) AND seq > $2 AND seq <= $3",
+        )
+        .bind(&keys)
+        .bind(unit.seq_after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        // A Patient's key is its own id key: the id index finds its versions.
+        let own: Vec<PatientVersion> = sqlx::query_as(
+            "SELECT id_key, seq FROM resource_version
+             WHERE id_key = ANY($1) AND seq > $2 AND seq <= $3",
+        )
+        .bind(&keys)
+        .bind(unit.seq_after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        block_order(&mut routes, &keys, &own);
+        let types: Vec<&str> = unit.resource_type.split(',').collect();
+        let deleted = matches!(unit.kind, UnitKind::Deleted);
+        for chunk in routes.chunks(2_000) {
+            let seqs: Vec<Seq> = chunk.iter().map(|&(seq, _)| seq).collect();
+            // The rows in the order asked for: a join along the array's ordinality.
+            let mut rows = sqlx::query(
+                "SELECT rv.seq, rv.res_type, rv.res_id, rv.last_updated, rv.body,
+                        rv.compartment_size, rv.version
+                 FROM UNNEST($1::BIGINT[]) WITH ORDINALITY AS r(seq, ord)
+                 JOIN resource_version rv ON rv.seq = r.seq
+                 WHERE (rv.superseded_by IS NULL OR rv.superseded_by > $2) AND rv.deleted = $3
+                 ORDER BY r.ord",
+            )
+            .bind(&seqs)
+            .bind(unit.snapshot_seq)
+            .bind(deleted)
+            .fetch(&self.pool);
+            let mut pending = chunk.iter();
+            while let Some(row) = rows.try_next().await? {
+                let seq: Seq = row.try_get(0)?;
+                let Some(&(_, patient)) = pending.by_ref().find(|r| r.0 == seq) else {
+                    break;
+                };
+                let resource_type: &str = row.try_get(1)?;
+                if !types.contains(&resource_type) {
+                    continue;
+                }
+                let ended_body = self.ended_body(&row, deleted).await?;
+                if !forwarder.push(row, vec![patient], ended_body).await {
                     return Ok(());
                 }
             }
@@ -433,6 +516,20 @@ impl JobStore for PgStore {
         Ok(count as u64)
     }
 
+    async fn current_ids(&self, resource_type: &str, upto: Seq) -> Result<Vec<String>, StoreError> {
+        let ids = sqlx::query_scalar(
+            "SELECT res_id FROM resource_version
+             WHERE res_type = $1 AND seq <= $2 AND (superseded_by IS NULL OR superseded_by > $2)
+               AND NOT deleted
+             ORDER BY seq",
+        )
+        .bind(resource_type)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
     async fn types_present(&self, after: Seq, upto: Seq) -> Result<Vec<String>, StoreError> {
         // A skip scan over the (res_type, seq) index: one probe per distinct type.
         let types = sqlx::query_scalar(
@@ -487,12 +584,7 @@ impl JobStore for PgStore {
             columns.3.push(unit.seq_after);
             columns.4.push(unit.seq_upto);
             columns.5.push(unit.scope.as_str());
-            patients.push(match &unit.scope {
-                UnitScope::Patients(ids) => Some(
-                    serde_json::to_string(ids).map_err(|e| StoreError::Internal(e.to_string()))?,
-                ),
-                _ => None,
-            });
+            patients.push(unit.scope.stored_patients()?);
         }
         sqlx::query(
             "INSERT INTO export_unit (job_id, unit_no, res_type, kind, seq_after, seq_upto, scope, patients)

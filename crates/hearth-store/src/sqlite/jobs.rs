@@ -8,7 +8,8 @@ use super::SqliteStore;
 use crate::error::StoreError;
 use crate::jobs::{
     CancelOutcome, ClaimedUnit, FILE_COLUMNS, FileRecord, JOB_COLUMNS, JobRecord, JobStatus,
-    JobStore, NewJob, ScanError, ScanRow, ScanSource, Snapshot, UnitCommit, UnitKind, UnitScope,
+    JobStore, NewJob, PatientVersion, Route, ScanError, ScanRow, ScanSource, Snapshot, UnitCommit,
+    UnitKind, UnitScope, block_order,
 };
 use crate::model::Seq;
 
@@ -50,6 +51,7 @@ fn file_record(row: &Row<'_>) -> rusqlite::Result<FileRecord> {
         path: row.get(6)?,
         count: row.get::<_, i64>(7)? as u64,
         bytes: row.get::<_, i64>(8)? as u64,
+        continues: row.get(9)?,
     })
 }
 
@@ -90,7 +92,10 @@ pub fn scan(
             )
         }
         UnitScope::Patients(patients) => {
-            return scan_patients(conn, unit, patients, each);
+            return scan_patients(conn, unit, patients, false, each);
+        }
+        UnitScope::PatientBlocks(patients) => {
+            return scan_patients(conn, unit, patients, true, each);
         }
     };
     let mut stmt = conn.prepare(&sql).map_err(StoreError::from)?;
@@ -125,75 +130,108 @@ pub fn scan(
     Ok(())
 }
 
+/// The `(seq, patient key)` pairs of the patients' compartment rows in `(after, upto]`, and
+/// the `(patient key, seq)` pairs of the patients' own Patient versions there: one query each
+/// for the whole batch.
+fn compartment_routes(
+    conn: &Connection,
+    keys: &[i64],
+    types: &[&str],
+    after: Seq,
+    upto: Seq,
+    own_versions: bool,
+) -> Result<(Vec<Route>, Vec<PatientVersion>), StoreError> {
+    use rusqlite::types::Value;
+    let mut values = vec![Value::Integer(after), Value::Integer(upto)];
+    let placeholders = |values: &mut Vec<Value>, items: Vec<Value>| {
+        let mut list = String::new();
+        for item in items {
+            values.push(item);
+            if !list.is_empty() {
+                list.push(',');
+            }
+            list.push_str(&format!("?{}", values.len()));
+        }
+        list
+    };
+    let list = placeholders(
+        &mut values,
+        keys.iter().map(|key| Value::Integer(*key)).collect(),
+    );
+    let pairs = |sql: String, values: &[Value]| -> Result<Vec<(i64, i64)>, StoreError> {
+        let mut stmt = conn.prepare(&sql)?;
+        let found = stmt.query_map(rusqlite::params_from_iter(values.iter()), |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+        })?;
+        Ok(found.collect::<Result<_, _>>()?)
+    };
+    // The patients' own versions need only the patient keys.
+    let key_values = values.clone();
+    // A unit of a few types (the Provenance step, a narrow `_type`) would otherwise read every
+    // compartment row of its patients to learn its type: the type index answers that without
+    // touching the table.
+    let of_types = if types.len() <= 3 {
+        let list = placeholders(
+            &mut values,
+            types.iter().map(|t| Value::Text((*t).to_owned())).collect(),
+        );
+        // Bulk loads leave each type in a narrow band of sequence numbers: bounding the routes
+        // by the band spares most of the lookups.
+        format!(
+            " AND seq BETWEEN
+                 (SELECT MIN(seq) FROM resource_version INDEXED BY resource_version_by_type WHERE res_type IN ({list}))
+             AND (SELECT MAX(seq) FROM resource_version INDEXED BY resource_version_by_type WHERE res_type IN ({list}))
+             AND EXISTS (SELECT 1 FROM resource_version INDEXED BY resource_version_by_type
+               WHERE res_type IN ({list}) AND resource_version.seq = compartment_member.seq)"
+        )
+    } else {
+        String::new()
+    };
+    let routes = pairs(
+        format!(
+            "SELECT seq, patient_key FROM compartment_member
+             WHERE patient_key IN ({list}) AND seq > ?1 AND seq <= ?2{of_types}"
+        ),
+        &values,
+    )?;
+    // A Patient's key is its own id key: the id index finds its versions without the table.
+    let own = if own_versions {
+        pairs(
+            format!(
+                "SELECT id_key, seq FROM resource_version
+                 WHERE id_key IN ({list}) AND seq > ?1 AND seq <= ?2"
+            ),
+            &key_values,
+        )?
+    } else {
+        Vec::new()
+    };
+    Ok((routes, own))
+}
+
 /// The rows of a batch of patients' compartments. The compartment index gives their change
 /// sequence numbers; reading the rows in that order visits each table page once, where
-/// following the index patient by patient would read a page per row.
+/// following the index patient by patient would read a page per row. Blocks need the rows
+/// patient by patient all the same (see [`ScanSource::scan_unit`]).
 fn scan_patients(
     conn: &Connection,
     unit: &ClaimedUnit,
     patients: &[String],
+    blocks: bool,
     each: &mut dyn FnMut(ScanRow<'_>) -> std::io::Result<bool>,
 ) -> Result<(), ScanError> {
     let upto = unit.seq_upto.min(unit.snapshot_seq);
+    let keys: Vec<i64> = patients
+        .iter()
+        .map(|p| super::resource_key("Patient", p))
+        .collect();
     let types: Vec<&str> = unit.resource_type.split(',').collect();
-    let mut routes: Vec<(Seq, i64)> = Vec::new();
-    {
-        use rusqlite::types::Value;
-        let mut values = vec![Value::Integer(unit.seq_after), Value::Integer(upto)];
-        let placeholders = |values: &mut Vec<Value>, items: Vec<Value>| {
-            let mut list = String::new();
-            for item in items {
-                values.push(item);
-                if !list.is_empty() {
-                    list.push(',');
-                }
-                list.push_str(&format!("?{}", values.len()));
-            }
-            list
-        };
-        let keys = placeholders(
-            &mut values,
-            patients
-                .iter()
-                .map(|p| Value::Integer(super::resource_key("Patient", p)))
-                .collect(),
-        );
-        // A unit of a few types (the Provenance step, a narrow `_type`) would otherwise read
-        // every compartment row of its patients to learn its type: the type index answers
-        // that without touching the table.
-        let of_types = if types.len() <= 3 {
-            let list = placeholders(
-                &mut values,
-                types.iter().map(|t| Value::Text((*t).to_owned())).collect(),
-            );
-            // Bulk loads leave each type in a narrow band of sequence numbers: bounding the
-            // routes by the band spares most of the lookups.
-            format!(
-                " AND seq BETWEEN
-                     (SELECT MIN(seq) FROM resource_version INDEXED BY resource_version_by_type WHERE res_type IN ({list}))
-                 AND (SELECT MAX(seq) FROM resource_version INDEXED BY resource_version_by_type WHERE res_type IN ({list}))
-                 AND EXISTS (SELECT 1 FROM resource_version INDEXED BY resource_version_by_type
-                   WHERE res_type IN ({list}) AND resource_version.seq = compartment_member.seq)"
-            )
-        } else {
-            String::new()
-        };
-        let mut members = conn
-            .prepare(&format!(
-                "SELECT seq, patient_key FROM compartment_member
-                 WHERE patient_key IN ({keys}) AND seq > ?1 AND seq <= ?2{of_types}"
-            ))
-            .map_err(StoreError::from)?;
-        let found = members
-            .query_map(rusqlite::params_from_iter(values), |row| {
-                Ok((row.get::<_, Seq>(0)?, row.get::<_, i64>(1)?))
-            })
-            .map_err(StoreError::from)?;
-        for route in found {
-            routes.push(route.map_err(StoreError::from)?);
-        }
+    let (mut routes, own) = compartment_routes(conn, &keys, &types, unit.seq_after, upto, blocks)?;
+    if blocks {
+        block_order(&mut routes, &keys, &own);
+    } else {
+        routes.sort_unstable();
     }
-    routes.sort_unstable();
     let deleted = matches!(unit.kind, UnitKind::Deleted);
     let mut row_at = conn
         .prepare_cached(
@@ -323,6 +361,23 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn current_ids(&self, resource_type: &str, upto: Seq) -> Result<Vec<String>, StoreError> {
+        let resource_type = resource_type.to_owned();
+        self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT res_id FROM resource_version
+                 WHERE res_type = ?1 AND seq <= ?2 AND (superseded_by IS NULL OR superseded_by > ?2)
+                   AND deleted = 0
+                 ORDER BY seq",
+            )?;
+            let ids = stmt
+                .query_map(params![resource_type, upto], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
     async fn types_present(&self, after: Seq, upto: Seq) -> Result<Vec<String>, StoreError> {
         self.with_reader(move |conn| {
             // A skip scan over the (res_type, seq) index: one probe per distinct type.
@@ -370,12 +425,7 @@ impl JobStore for SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
                 for (unit_no, unit) in job.units.iter().enumerate() {
-                    let patients = match &unit.scope {
-                        UnitScope::Patients(ids) => Some(
-                            serde_json::to_string(ids).map_err(|e| StoreError::Internal(e.to_string()))?,
-                        ),
-                        _ => None,
-                    };
+                    let patients = unit.scope.stored_patients()?;
                     insert.execute(params![
                         job.id,
                         unit_no as i64,
@@ -716,8 +766,8 @@ impl JobStore for SqliteStore {
 
 fn insert_files(tx: &rusqlite::Transaction<'_>, files: &[FileRecord]) -> Result<(), StoreError> {
     let mut insert = tx.prepare_cached(
-        "INSERT INTO export_file (id, job_id, unit_no, part, res_type, kind, path, count, bytes)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO export_file (id, job_id, unit_no, part, res_type, kind, path, count, bytes, continues)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
     for f in files {
         insert.execute(params![
@@ -729,7 +779,8 @@ fn insert_files(tx: &rusqlite::Transaction<'_>, files: &[FileRecord]) -> Result<
             f.kind,
             f.path,
             f.count as i64,
-            f.bytes as i64
+            f.bytes as i64,
+            f.continues
         ])?;
     }
     Ok(())

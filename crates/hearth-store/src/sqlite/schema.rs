@@ -127,7 +127,13 @@ const MIGRATIONS: &[&str] = &[
         name   TEXT PRIMARY KEY,
         secret BLOB NOT NULL
     );
-    "#, // 4: versions in no patient's compartment, by type: a Group export looks there for the
+    "#,
+    // 4: output organized in blocks (organizeOutputBy): a file whose last block goes on in
+    // the unit's next part.
+    r#"
+    ALTER TABLE export_file ADD COLUMN continues INTEGER NOT NULL DEFAULT 0;
+    "#,
+    // 5: versions in no patient's compartment, by type: a Group export looks there for the
     // Provenance of its resources without reading every Provenance in the store.
     r#"
     CREATE INDEX resource_version_outside_compartments ON resource_version (res_type, seq)

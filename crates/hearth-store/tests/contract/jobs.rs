@@ -104,6 +104,34 @@ pub async fn type_range_counts_every_version_of_the_type_in_the_window(store: Ar
     );
 }
 
+pub async fn current_ids_lists_the_resources_current_at_the_seq(store: Arc<dyn Backend>) {
+    let w = write_each(
+        &store,
+        vec![
+            put(&patient("p1", "A")),
+            put(&patient("p2", "B")),
+            put(&observation("o1", "Patient/p1", 70)),
+            put(&patient("p3", "C")),
+            put(&patient("p1", "A2")),
+            delete("Patient", "p2"),
+        ],
+    )
+    .await;
+    let s: Vec<_> = w.iter().map(|w| w.seq).collect();
+    let ids = |upto| {
+        let store = Arc::clone(&store);
+        async move { store.current_ids("Patient", upto).await.unwrap() }
+    };
+    assert_eq!(ids(s[5]).await, ["p3", "p1"], "change-sequence order");
+    assert_eq!(ids(s[4]).await, ["p2", "p3", "p1"]);
+    assert_eq!(ids(s[1]).await, ["p1", "p2"]);
+    assert!(ids(0).await.is_empty());
+    assert_eq!(
+        store.current_ids("Observation", s[5]).await.unwrap(),
+        ["o1"]
+    );
+}
+
 pub async fn types_present_lists_types_with_a_version_in_the_window(store: Arc<dyn Backend>) {
     let w = write_each(
         &store,
@@ -362,7 +390,10 @@ pub async fn job_files_come_in_manifest_order(store: Arc<dyn Backend>) {
 pub async fn add_job_files_and_file_lookup_return_the_file_with_its_job(store: Arc<dyn Backend>) {
     insert(&store, new_job("j", "c", 1, vec![])).await;
     insert(&store, new_job("k", "c", 1, vec![])).await;
-    let f1 = file("f1", "j", 0, 1, "Patient", "output");
+    let f1 = FileRecord {
+        continues: true,
+        ..file("f1", "j", 0, 1, "Patient", "output")
+    };
     let f2 = file("f2", "j", 0, 2, "Patient", "output");
     store
         .add_job_files(vec![f1.clone(), f2.clone()])

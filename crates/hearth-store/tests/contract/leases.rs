@@ -95,6 +95,28 @@ pub async fn claimed_unit_carries_its_plan_and_starts_the_job(store: Arc<dyn Bac
     let record = store.job("j").await.unwrap().unwrap();
     assert_eq!(record.status, JobStatus::Running);
     assert_eq!(record.started_at, Some(NOW));
+
+    // Block-organized units keep their patients, in order.
+    let mut blocks = new_job(
+        "k",
+        "c",
+        2,
+        vec![UnitPlan {
+            resource_type: "Patient,Observation".into(),
+            kind: UnitKind::Output,
+            scope: UnitScope::PatientBlocks(vec!["p2".into(), "p1".into()]),
+            seq_after: 0,
+            seq_upto: written.seq,
+        }],
+    );
+    blocks.snapshot = snapshot;
+    insert(&store, blocks).await;
+    let unit = claim(&store, "worker-1", LEASE, NOW).await;
+    assert_eq!(unit_id(&unit), ("k".to_owned(), 0));
+    assert_eq!(
+        unit.scope,
+        UnitScope::PatientBlocks(vec!["p2".into(), "p1".into()])
+    );
 }
 
 pub async fn an_unexpired_lease_is_not_claimed_again(store: Arc<dyn Backend>) {

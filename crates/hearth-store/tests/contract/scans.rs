@@ -285,6 +285,88 @@ pub async fn scan_patients_returns_the_units_patients_rows_with_via_patient(
     assert!(scan(&store, unit(&["p9"])).await.is_empty());
 }
 
+pub async fn scan_patient_blocks_come_patient_by_patient_with_the_patient_first(
+    store: Arc<dyn Backend>,
+) {
+    write_each(
+        &store,
+        vec![
+            put(&observation("o1", "Patient/p1", 70)),
+            put(&patient("p2", "B")),
+            put(&encounter("e2", "Patient/p2")),
+            put(&shared_observation("o3", "Patient/p1", "Patient/p2")),
+            put(&patient("p1", "A")),
+            put(&encounter("e1", "Patient/p1")),
+            put(&observation("o2", "Patient/p2", 70)),
+            put(&observation("g1", "Group/g1", 70)),
+            // A later version of p2 moves after its other rows in change-sequence order.
+            put(&patient("p2", "B2")),
+        ],
+    )
+    .await;
+    let snapshot = store.snapshot().await.unwrap();
+    write_one(&store, put(&observation("o4", "Patient/p1", 70))).await;
+    let unit = |types: &str, patients: &[&str]| {
+        scan_unit(
+            types,
+            UnitKind::Output,
+            UnitScope::PatientBlocks(patients.iter().map(|p| p.to_string()).collect()),
+            0,
+            snapshot.seq,
+            snapshot.seq,
+        )
+    };
+    let blocks = |rows: &[Row], patients: &[&str]| -> Vec<(String, String)> {
+        rows.iter()
+            .map(|row| {
+                let via = patients
+                    .iter()
+                    .find(|p| resource_key("Patient", p) == row.via_patient)
+                    .unwrap_or_else(|| panic!("{} came through an unknown patient key", row.id));
+                (via.to_string(), row.id.clone())
+            })
+            .collect()
+    };
+    let pair = |via: &str, id: &str| (via.to_owned(), id.to_owned());
+
+    // In the order of the unit's list; each patient's own Patient first, then by change
+    // sequence; the shared o3 in both blocks.
+    let rows = scan(&store, unit("Patient,Observation,Encounter", &["p2", "p1"])).await;
+    assert_eq!(
+        blocks(&rows, &["p2", "p1"]),
+        [
+            pair("p2", "p2"),
+            pair("p2", "e2"),
+            pair("p2", "o3"),
+            pair("p2", "o2"),
+            pair("p1", "p1"),
+            pair("p1", "o1"),
+            pair("p1", "o3"),
+            pair("p1", "e1"),
+        ]
+    );
+    let p2 = &rows[0];
+    assert_eq!(
+        field(&p2.body, "name")[0]["family"],
+        "B2",
+        "the version current at the snapshot"
+    );
+    assert_eq!(rows[2].body, rows[6].body);
+
+    // Types the unit leaves out are not in any block.
+    let rows = scan(&store, unit("Observation", &["p1", "p2"])).await;
+    assert_eq!(
+        blocks(&rows, &["p1", "p2"]),
+        [
+            pair("p1", "o1"),
+            pair("p1", "o3"),
+            pair("p2", "o3"),
+            pair("p2", "o2"),
+        ]
+    );
+    assert!(scan(&store, unit("Observation", &["p9"])).await.is_empty());
+}
+
 pub async fn scan_patients_deleted_passes_the_ended_body_of_shared_tombstones(
     store: Arc<dyn Backend>,
 ) {

@@ -124,6 +124,7 @@ pub fn file(
         path: format!("{job_id}/{resource_type}.{unit_no}.{part}.ndjson"),
         count: 10 + part as u64,
         bytes: 1000 + part as u64,
+        continues: false,
     }
 }
 
