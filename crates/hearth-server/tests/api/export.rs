@@ -21,14 +21,15 @@ const BULK_DATA_CAPABILITY: &str = "http://hl7.org/fhir/uv/bulkdata/CapabilitySt
 const EXPORT_ID_EXTENSION: &str = "https://hapifhir.org/NamingSystem/bulk-export-identifier";
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
 /// IG parameters (or values) Hearth does not implement: refused by name, or ignored when
-/// lenient. (`_elements` is implemented for top-level elements only.)
+/// lenient. (`_elements` is implemented for top-level elements only; `allowPartialManifests` is
+/// a boolean.)
 const UNSUPPORTED: [(&str, &str); 6] = [
     ("_elements", "name.family"),
     ("_typeFilter", "Patient?status=active"),
     ("_typePostFetchFilterUrl", "Patient?status=active"),
     ("includeAssociatedData", "LatestProvenanceResources"),
     ("organizeOutputBy", "Patient"),
-    ("allowPartialManifests", "true"),
+    ("allowPartialManifests", "yes"),
 ];
 /// How long any export of the test data may take.
 const EXPORT_DEADLINE: Duration = Duration::from_secs(60);

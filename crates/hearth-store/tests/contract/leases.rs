@@ -380,7 +380,10 @@ pub async fn committed_units_and_unit_files_cover_only_committed_units_in_the_ra
     assert_eq!(store.committed_units("nope", 0..4).await.unwrap(), NONE);
 
     // Running units have no files yet; job-level files sit below every unit.
-    assert_eq!(store.unit_files("j", 0..4).await.unwrap(), [f2.clone()]);
+    assert_eq!(
+        store.unit_files("j", 0..4).await.unwrap(),
+        std::slice::from_ref(&f2)
+    );
     assert_eq!(store.unit_files("j", 0..2).await.unwrap(), []);
     assert_eq!(
         store.unit_files("j", JOB_LEVEL_UNIT..4).await.unwrap(),
