@@ -4,6 +4,7 @@
 mod bundle;
 mod export;
 mod helpers;
+mod partial_manifests;
 mod patient_export;
 mod rest;
 mod s3_output;
