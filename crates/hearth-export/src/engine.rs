@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use hearth_fhir::instant::{Micros, now_micros};
 use hearth_fhir::outcome::{Issue, Severity, operation_outcome};
 use hearth_store::jobs::{
-    CancelOutcome, ClaimedUnit, FileRecord, JobRecord, JobStatus, NewJob, Snapshot, UnitCommit,
-    UnitKind, UnitScope,
+    CancelOutcome, ClaimedUnit, FileRecord, JOB_LEVEL_UNIT, JobRecord, JobStatus, NewJob, Snapshot,
+    UnitCommit, UnitKind, UnitScope,
 };
 use hearth_store::{Backend, StoreError, resource_key};
 use tokio::runtime::Handle;
@@ -21,7 +21,7 @@ use crate::manifest;
 use crate::output::{Output, OutputError, RemoteFile};
 use crate::planner::provenance_by_target;
 use crate::planner::{PlanError, plan};
-use crate::request::{ExportRequest, Level, ParameterError};
+use crate::request::{ExportRequest, Level, ManifestSettings, ParameterError};
 use crate::unit::{RowPolicy, UnitFiles, block_header, deletion_bundle, keys_file_name};
 
 /// How the engine runs.
@@ -80,6 +80,11 @@ pub enum JobView {
         progress: String,
         retry_after: u64,
     },
+    /// Still running, and the asked manifest page lists only files that are done.
+    Partial {
+        manifest: String,
+        progress: String,
+    },
     Completed {
         manifest: String,
         expires_at: Micros,
@@ -88,6 +93,10 @@ pub enum JobView {
         message: String,
     },
     NotFound,
+    /// The job exists but has no manifest page of that number.
+    NoSuchPage {
+        pages: u64,
+    },
 }
 
 /// What a download may serve.
@@ -348,7 +357,7 @@ impl ExportEngine {
             .map(|file| FileRecord {
                 id: uuid::Uuid::new_v4().to_string(),
                 job_id: job_id.to_owned(),
-                unit_no: -1,
+                unit_no: JOB_LEVEL_UNIT,
                 part: file.part,
                 resource_type: "OperationOutcome".into(),
                 kind: "error".into(),
@@ -360,9 +369,9 @@ impl ExportEngine {
             .collect())
     }
 
-    /// What the status URL answers now. Reads stored state; writes only to count the first
-    /// poll and to remember that the manifest was shown.
-    pub async fn status(&self, id: &str) -> Result<JobView, StoreError> {
+    /// What the status URL answers now for manifest page `page` (1 is the first). Reads stored
+    /// state; writes only to count the first poll and to remember that the manifest was shown.
+    pub async fn status(&self, id: &str, page: u64) -> Result<JobView, StoreError> {
         let backend = &self.inner.backend;
         let job = match self.inner.cached_job(id) {
             Some(job) => job,
@@ -382,6 +391,15 @@ impl ExportEngine {
         if job.status == JobStatus::Cancelled || job.expires_at.is_some_and(|e| e < now) {
             return Ok(JobView::NotFound);
         }
+        let settings = manifest_settings(&job)?;
+        let pages = if settings.allow_partial_manifests {
+            manifest::page_count(job.units_total)
+        } else {
+            1
+        };
+        if page == 0 || page > pages {
+            return Ok(JobView::NoSuchPage { pages });
+        }
         // Clients always see the running state once, however fast the job was.
         if job.polls == 0 {
             backend.record_poll(id, false).await?;
@@ -393,13 +411,19 @@ impl ExportEngine {
                     backend.record_poll(id, true).await?;
                 }
                 let expires_at = job.expires_at.unwrap_or(now);
-                let manifest = job.manifest.unwrap_or_default();
-                let manifest = match &self.inner.config.output {
-                    Output::Object(object) if self.inner.config.output.presigned_urls() => {
-                        self.presign(object, &job.id, &manifest, expires_at - now)
-                            .await?
+                let manifest = if settings.allow_partial_manifests {
+                    self.manifest_page(&job, &settings, page, pages, expires_at - now)
+                        .await?
+                } else {
+                    let manifest = job.manifest.unwrap_or_default();
+                    match &self.inner.config.output {
+                        Output::Object(object) if self.inner.config.output.presigned_urls() => {
+                            let files = backend.job_files(&job.id).await?;
+                            self.presign(object, &files, &manifest, expires_at - now)
+                                .await?
+                        }
+                        _ => self.with_own_urls(manifest)?,
                     }
-                    _ => self.with_own_urls(manifest)?,
                 };
                 Ok(JobView::Completed {
                     manifest,
@@ -409,20 +433,75 @@ impl ExportEngine {
             JobStatus::Failed => Ok(JobView::Failed {
                 message: job.error.unwrap_or_else(|| "the export failed".into()),
             }),
+            // The last page lists the job's error reports, which are final only at completion,
+            // so it is never shown before.
+            _ if settings.allow_partial_manifests && page < pages => {
+                let units = manifest::page_units(page, pages);
+                let committed = backend.committed_units(id, units.clone()).await?;
+                if committed.len() as i64 != units.end - units.start {
+                    return Ok(in_progress(&job, now));
+                }
+                let manifest = self
+                    .manifest_page(&job, &settings, page, pages, micros(self.inner.config.ttl))
+                    .await?;
+                Ok(JobView::Partial {
+                    manifest,
+                    progress: progress(&job),
+                })
+            }
             _ => Ok(in_progress(&job, now)),
         }
     }
 
-    /// The stored manifest with presigned URLs that expire with the job: signed anew on every
-    /// status request, so whichever process answers, the URLs are fresh.
+    /// Page `page` of a job with partial manifests, built from its files on this process.
+    /// `lifetime` bounds presigned URLs.
+    async fn manifest_page(
+        &self,
+        job: &JobRecord,
+        settings: &ManifestSettings,
+        page: u64,
+        pages: u64,
+        lifetime: Micros,
+    ) -> Result<String, StoreError> {
+        let backend = &self.inner.backend;
+        let config = &self.inner.config;
+        let mut files = backend
+            .unit_files(&job.id, manifest::page_units(page, pages))
+            .await?;
+        if page == pages {
+            files.extend(
+                backend
+                    .unit_files(&job.id, manifest::JOB_LEVEL_FILES)
+                    .await?,
+            );
+        }
+        let next =
+            (page < pages).then(|| manifest::status_url(&config.base_url, &job.id, page + 1));
+        let built = manifest::build(
+            job,
+            settings,
+            &files,
+            &config.base_url,
+            config.requires_access_token,
+            next,
+        );
+        match &config.output {
+            Output::Object(object) if config.output.presigned_urls() => {
+                self.presign(object, &files, &built, lifetime).await
+            }
+            _ => Ok(built),
+        }
+    }
+
+    /// A manifest with presigned URLs for `files` that expire with the job: signed anew on
+    /// every status request, so whichever process answers, the URLs are fresh.
     async fn presign(
         &self,
         object: &crate::output::ObjectOutput,
-        job_id: &str,
+        files: &[FileRecord],
         manifest: &str,
         remaining: Micros,
     ) -> Result<String, StoreError> {
-        let files = self.inner.backend.job_files(job_id).await?;
         let paths: HashMap<&str, &str> = files
             .iter()
             .map(|f| (f.id.as_str(), f.path.as_str()))
@@ -486,7 +565,15 @@ impl ExportEngine {
             return Ok(None);
         };
         let expired = job.expires_at.is_some_and(|e| e < now_micros());
-        if job.status != JobStatus::Completed || expired {
+        // A running job has files only of committed units, which partial manifests may list.
+        let downloadable = match job.status {
+            JobStatus::Completed => true,
+            JobStatus::Queued | JobStatus::Running => {
+                manifest_settings(&job)?.allow_partial_manifests
+            }
+            JobStatus::Failed | JobStatus::Cancelled => false,
+        };
+        if !downloadable || expired {
             return Ok(None);
         }
         let source = match &self.inner.config.output {
@@ -594,7 +681,13 @@ fn group_thousands(n: u64) -> String {
     out
 }
 
-fn in_progress(job: &JobRecord, now: Micros) -> JobView {
+fn manifest_settings(job: &JobRecord) -> Result<ManifestSettings, StoreError> {
+    ManifestSettings::of_stored(&job.request)
+        .map_err(|e| StoreError::Internal(format!("a stored export request does not parse: {e}")))
+}
+
+/// The `X-Progress` text: under the IG's 100 characters.
+fn progress(job: &JobRecord) -> String {
     let total = job.estimated_resources.max(job.done_resources);
     let percent = if job.status == JobStatus::Completed || total == 0 {
         if job.status == JobStatus::Completed {
@@ -610,11 +703,15 @@ fn in_progress(job: &JobRecord, now: Micros) -> JobView {
     } else {
         ""
     };
-    let progress = format!(
+    format!(
         "{percent}% ({} of {} resources){state}",
         group_thousands(job.done_resources),
         group_thousands(total)
-    );
+    )
+}
+
+fn in_progress(job: &JobRecord, now: Micros) -> JobView {
+    let total = job.estimated_resources.max(job.done_resources);
     // Expected remaining time from the rate so far, between 1 and 120 seconds.
     let retry_after = match job.started_at {
         Some(started) if job.done_resources > 0 && now > started => {
@@ -625,7 +722,7 @@ fn in_progress(job: &JobRecord, now: Micros) -> JobView {
         _ => 1,
     };
     JobView::InProgress {
-        progress,
+        progress: progress(job),
         retry_after,
     }
 }
@@ -1036,10 +1133,10 @@ impl Inner {
             let Some(job) = self.backend.job(job_id).await? else {
                 return Ok(());
             };
-            let request: ExportRequest =
-                serde_json::from_str(&job.request).map_err(|e| StoreError::Internal(e.to_string()))?;
+            let settings = manifest_settings(&job)?;
             let files = self.backend.job_files(job_id).await?;
-            let manifest = manifest::build(&job, &request, &files, &self.config.base_url, self.config.requires_access_token);
+            let manifest = manifest::build(&job, &settings, &files,
+                &self.config.base_url, self.config.requires_access_token, None);
             let now = now_micros();
             self.backend
                 .complete_job(job_id, manifest, now, now + micros(self.config.ttl))

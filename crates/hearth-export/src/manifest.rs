@@ -1,14 +1,20 @@
 //! The completion manifest, assembled once when the last unit commits and stored with the job:
 //! status requests only read it.
+//!
+//! With `allowPartialManifests` a job's manifest comes in pages instead, each listing the files
+//! of a fixed range of unit numbers and linking to the next. A page depends only on the plan
+//! and on committed units, whose files never change, so it is built on request by whichever
+//! process answers, and reads the same every time.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use hearth_fhir::instant::format_instant;
-use hearth_store::jobs::{FileRecord, JobRecord};
+use hearth_store::jobs::{FileRecord, JOB_LEVEL_UNIT, JobRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::request::ExportRequest;
+use crate::request::ManifestSettings;
 
 /// The manifest's `extension` key that carries `_exportId` (as HAPI FHIR names it).
 pub const EXPORT_ID_EXTENSION: &str = "https://hapifhir.org/NamingSystem/bulk-export-identifier";
@@ -31,6 +37,14 @@ struct Manifest {
     output_organized_by: Option<String>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     extension: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    link: Vec<Link>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Link {
+    relation: String,
+    url: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -54,14 +68,49 @@ pub fn file_url(base_url: &str, file_id: &str) -> String {
     format!("{base_url}/Binary/{file_id}")
 }
 
+/// Units per manifest page of a job with partial manifests. Small, so a client gets files early;
+/// fixed, so every process pages a job alike.
+pub const UNITS_PER_PAGE: u64 = 4;
+
+/// The status URL of a job: its first manifest page, or page `page` (from 1).
+pub fn status_url(base_url: &str, job_id: &str, page: u64) -> String {
+    let first = format!("{base_url}/$export-poll-status?_jobId={job_id}");
+    if page <= 1 {
+        first
+    } else {
+        format!("{first}&_page={page}")
+    }
+}
+
+/// How many manifest pages a job of `units_total` units has (one even without units).
+pub fn page_count(units_total: u64) -> u64 {
+    units_total.div_ceil(UNITS_PER_PAGE).max(1)
+}
+
+/// The unit numbers whose files page `page` of `pages` lists. The last page also lists the
+/// job-level files ([`JOB_LEVEL_FILES`]): error reports are complete only once the job is.
+pub fn page_units(page: u64, pages: u64) -> Range<i64> {
+    let start = (page.saturating_sub(1) * UNITS_PER_PAGE) as i64;
+    if page >= pages {
+        start..i64::MAX
+    } else {
+        start..start + UNITS_PER_PAGE as i64
+    }
+}
+
+/// The unit numbers of files that belong to the job as a whole.
+pub const JOB_LEVEL_FILES: Range<i64> = JOB_LEVEL_UNIT..0;
+
+/// A manifest of `files`, linking to `next` (the next page's URL) when given.
 pub fn build(
     job: &JobRecord,
-    request: &ExportRequest,
+    settings: &ManifestSettings,
     files: &[FileRecord],
     base_url: &str,
     requires_access_token: bool,
+    next: Option<String>,
 ) -> String {
-    let organized = request.organize_output_by.is_some();
+    let organized = settings.organize_output_by.is_some();
     // A block that goes on continues in its unit's next part.
     let parts: HashMap<(i64, i64), &str> = files
         .iter()
@@ -85,7 +134,7 @@ pub fn build(
             .collect()
     };
     let mut extension = Map::new();
-    if let Some(export_id) = &request.export_id {
+    if let Some(export_id) = &settings.export_id {
         extension.insert(
             EXPORT_ID_EXTENSION.to_owned(),
             Value::String(export_id.clone()),
@@ -98,8 +147,16 @@ pub fn build(
         output: items("output"),
         deleted: items("deleted"),
         error: items("error"),
-        output_organized_by: request.organize_output_by.clone(),
+        output_organized_by: settings.organize_output_by.clone(),
         extension,
+        link: next
+            .map(|url| {
+                vec![Link {
+                    relation: "next".into(),
+                    url,
+                }]
+            })
+            .unwrap_or_default(),
     };
     serde_json::to_string(&manifest).unwrap_or_default()
 }
@@ -146,6 +203,36 @@ mod tests {
         assert_eq!(
             rewritten,
             stored.replace("http://h/fhir/Binary/", "https://bucket/")
+        );
+    }
+
+    #[test]
+    fn pages_cover_every_unit_once_in_fixed_ranges() {
+        assert_eq!(page_count(0), 1);
+        assert_eq!(page_count(4), 1);
+        assert_eq!(page_count(9), 3);
+        assert_eq!(page_units(1, 3), 0..4);
+        assert_eq!(page_units(2, 3), 4..8);
+        assert_eq!(page_units(3, 3), 8..i64::MAX);
+        assert_eq!(page_units(1, 1), 0..i64::MAX);
+        assert_eq!(
+            status_url("http://h/fhir", "j", 1),
+            "http://h/fhir/$export-poll-status?_jobId=j"
+        );
+        assert_eq!(
+            status_url("http://h/fhir", "j", 2),
+            "http://h/fhir/$export-poll-status?_jobId=j&_page=2"
+        );
+    }
+
+    #[test]
+    fn a_page_keeps_its_next_link_when_its_urls_are_rewritten() {
+        let stored = r#"{"transactionTime":"2026-01-01T00:00:00Z","request":"http://h/fhir/$export","requiresAccessToken":false,"output":[{"type":"Patient","url":"http://h/fhir/Binary/a","count":2}],"deleted":[],"error":[],"link":[{"relation":"next","url":"http://h/fhir/$export-poll-status?_jobId=j&_page=2"}]}"#;
+        let rewritten =
+            with_urls(stored, false, |_| Some("https://bucket/a?sig=1".into())).unwrap();
+        assert_eq!(
+            rewritten,
+            stored.replace("http://h/fhir/Binary/a", "https://bucket/a?sig=1")
         );
     }
 

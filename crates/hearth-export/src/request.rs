@@ -64,6 +64,10 @@ pub struct ExportRequest {
     /// `organizeOutputBy`: the type whose resource blocks the files hold (only `Patient`).
     #[serde(default)]
     pub organize_output_by: Option<String>,
+    /// `allowPartialManifests=true`: status requests may answer with a manifest of the files
+    /// written so far, and manifests come in pages linked by `next`.
+    #[serde(default)]
+    pub allow_partial_manifests: bool,
     pub ignored: Vec<IgnoredParameter>,
     /// The kick-off URL as the client sent it (without a POST body).
     pub request_url: String,
@@ -86,10 +90,6 @@ fn refuse(parameter: &str, message: impl Into<String>) -> ParameterError {
 
 /// The values of `_outputFormat` that mean NDJSON.
 pub const NDJSON_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
-
-/// Parameters defined by the Bulk Data IG that a later version of this engine implements:
-/// refused by name (or ignored and reported when lenient), never silently ignored.
-const NOT_YET_SUPPORTED: &[&str] = &["allowPartialManifests"];
 
 /// The `organizeOutputBy` values this server implements.
 const ORGANIZING_TYPES: &[&str] = &["Patient"];
@@ -153,11 +153,13 @@ impl ExportRequest {
             organize_output_by: None,
             type_filters: Vec::new(),
             scope_filters: Vec::new(),
+            allow_partial_manifests: false,
             ignored: Vec::new(),
             request_url,
         };
         let mut latest_provenance_asked = false;
         let mut seen_output_format = false;
+        let mut seen_partial_manifests = false;
         for (name, value) in params {
             let value = value.trim();
             match name.as_str() {
@@ -338,26 +340,34 @@ impl ExportRequest {
                         }
                     }
                 }
+                "allowPartialManifests" => {
+                    if seen_partial_manifests {
+                        return Err(refuse(name, "allowPartialManifests may be given only once"));
+                    }
+                    seen_partial_manifests = true;
+                    match value {
+                        "true" => request.allow_partial_manifests = true,
+                        "false" => {}
+                        other => {
+                            let reason = format!(
+                                "allowPartialManifests must be true or false, not '{other}'"
+                            );
+                            if lenient {
+                                request.ignored.push(IgnoredParameter {
+                                    name: name.clone(),
+                                    reason: format!(
+                                        "{reason}; it was ignored (manifests are not partial)"
+                                    ),
+                                });
+                            } else {
+                                return Err(refuse(name, reason));
+                            }
+                        }
+                    }
+                }
                 // Asks for the JSON OperationOutcome format that Hearth uses anyway.
                 "_format"
                     if matches!(value, "json" | "application/json" | "application/fhir+json") => {}
-                other if NOT_YET_SUPPORTED.contains(&other) => {
-                    if lenient {
-                        request.ignored.push(IgnoredParameter {
-                            name: other.to_owned(),
-                            reason: format!(
-                                "{other} is not supported by this server; it was ignored"
-                            ),
-                        });
-                    } else {
-                        return Err(refuse(
-                            other,
-                            format!(
-                                "{other} is not supported by this server (send Prefer: handling=lenient to ignore it)"
-                            ),
-                        ));
-                    }
-                }
                 other => {
                     if lenient {
                         request.ignored.push(IgnoredParameter {
@@ -422,6 +432,24 @@ impl ExportRequest {
             return Err(refuse("_until", "_until must be later than _since"));
         }
         Ok(request)
+    }
+}
+
+/// What manifests need from a stored request ([`ExportRequest`] JSON), read without the rest of
+/// it: a Group export's request lists every patient, and status requests read this often.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ManifestSettings {
+    #[serde(default)]
+    pub allow_partial_manifests: bool,
+    #[serde(default)]
+    pub export_id: Option<String>,
+    #[serde(default)]
+    pub organize_output_by: Option<String>,
+}
+
+impl ManifestSettings {
+    pub fn of_stored(stored: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(stored)
     }
 }
 
@@ -507,6 +535,64 @@ mod tests {
         )
         .unwrap();
         assert_eq!(lenient.types, ["Patient"]);
+    }
+
+    #[test]
+    fn partial_manifests_take_a_boolean_once() {
+        assert!(
+            parse(&[("allowPartialManifests", "true")], false)
+                .unwrap()
+                .allow_partial_manifests
+        );
+        assert!(
+            !parse(&[("allowPartialManifests", "false")], false)
+                .unwrap()
+                .allow_partial_manifests
+        );
+        for params in [
+            vec![("allowPartialManifests", "yes")],
+            vec![("allowPartialManifests", "TRUE")],
+            vec![("allowPartialManifests", "")],
+            vec![
+                ("allowPartialManifests", "true"),
+                ("allowPartialManifests", "true"),
+            ],
+        ] {
+            assert_eq!(
+                parse(&params, false).unwrap_err().parameter,
+                "allowPartialManifests"
+            );
+        }
+        let lenient = parse(&[("allowPartialManifests", "yes")], true).unwrap();
+        assert!(!lenient.allow_partial_manifests);
+        assert_eq!(lenient.ignored[0].name, "allowPartialManifests");
+    }
+
+    #[test]
+    fn manifest_settings_are_read_back_from_the_stored_request() {
+        let request = parse(
+            &[("allowPartialManifests", "true"), ("_exportId", "x-1")],
+            false,
+        )
+        .unwrap();
+        let stored = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            ManifestSettings::of_stored(&stored).unwrap(),
+            ManifestSettings {
+                allow_partial_manifests: true,
+                export_id: Some("x-1".into())
+            }
+        );
+        let stored = serde_json::to_string(&parse(&[], false).unwrap()).unwrap();
+        assert_eq!(
+            ManifestSettings::of_stored(&stored).unwrap(),
+            ManifestSettings::default()
+        );
+        // Jobs stored before the field existed.
+        assert_eq!(
+            ManifestSettings::of_stored(r#"{"level":"System"}"#).unwrap(),
+            ManifestSettings::default()
+        );
     }
 
     #[test]

@@ -256,10 +256,7 @@ async fn kick_off_at(
             KickOffError::Output(e) => ApiError::Internal(e.to_string()),
         })?;
     auth::audit("export.kick_off", grants.as_ref(), &job_id, "202");
-    let location = format!(
-        "{}/$export-poll-status?_jobId={job_id}",
-        app.config.base_url
-    );
+    let location = hearth_export::manifest::status_url(&app.config.base_url, &job_id, 1);
     let mut response = StatusCode::ACCEPTED.into_response();
     response.headers_mut().insert(
         header::CONTENT_LOCATION,
@@ -268,27 +265,43 @@ async fn kick_off_at(
     Ok(response)
 }
 
-async fn job_id(
+/// The parameters of a status request: the job id, and the raw `_page`.
+async fn status_params(
     app: &AppState,
     method: &Method,
     query: Option<&str>,
     headers: &HeaderMap,
     body: Body,
-) -> ApiResult<String> {
+) -> ApiResult<(String, Option<String>)> {
     let mut params = parse_query(query);
     if *method == Method::POST {
         let body = read_body(headers, body, app.config.max_body_bytes).await?;
         params.extend(parameters_body(&body)?);
     }
-    let id = params
-        .iter()
-        .rfind(|(k, _)| k == "_jobId")
-        .map(|(_, v)| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
+    let last = |name: &str| {
+        params
+            .iter()
+            .rfind(|(k, _)| k == name)
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let id = last("_jobId").filter(|v| !v.is_empty()).ok_or_else(|| {
+        ApiError::invalid_parameter("_jobId", "$export-poll-status needs a _jobId")
+    })?;
+    Ok((id, last("_page")))
+}
+
+/// `_page`: which manifest page of a job with partial manifests (the first without it).
+fn manifest_page(raw: Option<&str>) -> ApiResult<u64> {
+    let Some(raw) = raw else { return Ok(1) };
+    raw.parse::<u64>()
+        .ok()
+        .filter(|page| *page >= 1)
         .ok_or_else(|| {
-            ApiError::invalid_parameter("_jobId", "$export-poll-status needs a _jobId")
-        })?;
-    Ok(id)
+            ApiError::invalid_parameter(
+                "_page",
+                format!("_page must be a manifest page number from 1, not '{raw}'"),
+            )
+        })
 }
 
 fn unknown_job(id: &str) -> ApiError {
@@ -305,7 +318,7 @@ pub async fn poll_status(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let id = job_id(&app, &method, query.as_deref(), &headers, body).await?;
+    let (id, page) = status_params(&app, &method, query.as_deref(), &headers, body).await?;
     // Another client's job answers as if it did not exist.
     let grants = grants.map(|Extension(grants)| grants);
     if !auth::owns_job(&app, grants.as_ref(), &id).await? {
@@ -332,13 +345,15 @@ pub async fn poll_status(
             CancelOutcome::NotFound => Err(unknown_job(&id)),
         };
     }
+    let page = manifest_page(page.as_deref())?;
     app.polls.check(&id)?;
-    let view = app.engine.status(&id).await?;
+    let view = app.engine.status(&id, page).await?;
     match &view {
         JobView::InProgress { retry_after, .. } => app.polls.told(&id, *retry_after),
         JobView::Completed { .. } => auth::audit("export.status", grants.as_ref(), &id, "200"),
         JobView::Failed { .. } => auth::audit("export.status", grants.as_ref(), &id, "500"),
-        JobView::NotFound => {}
+        // A client given a partial manifest follows its `next` link at once: no wait to pace.
+        JobView::Partial { .. } | JobView::NotFound | JobView::NoSuchPage { .. } => {}
     }
     if !matches!(view, JobView::InProgress { .. }) {
         app.polls.forget(&id);
@@ -356,6 +371,18 @@ pub async fn poll_status(
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             Ok(response)
         }
+        JobView::Partial { manifest, progress } => {
+            let mut response = (StatusCode::ACCEPTED, manifest).into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Ok(progress) = HeaderValue::from_str(&progress) {
+                headers.insert("x-progress", progress);
+            }
+            Ok(response)
+        }
         JobView::Completed {
             manifest,
             expires_at,
@@ -371,6 +398,9 @@ pub async fn poll_status(
         }
         JobView::Failed { message } => Err(ApiError::JobFailed(message)),
         JobView::NotFound => Err(unknown_job(&id)),
+        JobView::NoSuchPage { pages } => Err(ApiError::NotFound(format!(
+            "export job {id} has no manifest page {page}: it has {pages}"
+        ))),
     }
 }
 

@@ -6,6 +6,8 @@
 //! files and counts with a fenced write: a commit only counts if the claim (owner and attempt)
 //! is still the current one, so a paused or dead worker can never overwrite a newer attempt.
 
+use std::ops::Range;
+
 use async_trait::async_trait;
 use hearth_fhir::instant::Micros;
 
@@ -243,6 +245,9 @@ pub struct ClaimedUnit {
     pub owner: String,
 }
 
+/// The unit number of files that belong to a job as a whole rather than to one of its units.
+pub const JOB_LEVEL_UNIT: i64 = -1;
+
 /// A finished file of a unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileRecord {
@@ -427,6 +432,15 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Every committed file of a job, in manifest order (type, unit, part).
     async fn job_files(&self, id: &str) -> Result<Vec<FileRecord>, StoreError>;
+
+    /// The numbers of the job's committed units that lie in `units`, ascending. A unit's files
+    /// are recorded in the same write that commits it, so once a unit is listed here its files
+    /// are final.
+    async fn committed_units(&self, id: &str, units: Range<i64>) -> Result<Vec<i64>, StoreError>;
+
+    /// The job's files whose unit number lies in `units`, in manifest order. Files of the job
+    /// as a whole (error reports) have unit number [`JOB_LEVEL_UNIT`].
+    async fn unit_files(&self, id: &str, units: Range<i64>) -> Result<Vec<FileRecord>, StoreError>;
 
     /// Adds files that belong to the job as a whole (error reports).
     async fn add_job_files(&self, files: Vec<FileRecord>) -> Result<(), StoreError>;

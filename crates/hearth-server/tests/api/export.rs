@@ -22,14 +22,14 @@ const EXPORT_ID_EXTENSION: &str = "https://hapifhir.org/NamingSystem/bulk-export
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
 /// IG parameters (or values) Hearth does not implement: refused by name, or ignored when
 /// lenient. (`_elements` is implemented for top-level elements only, `organizeOutputBy` for
-/// Patient only.)
+/// Patient only; `allowPartialManifests` is a boolean.)
 const UNSUPPORTED: [(&str, &str); 6] = [
     ("_elements", "name.family"),
     ("_typeFilter", "Patient?status=active"),
     ("_typePostFetchFilterUrl", "Patient?status=active"),
     ("includeAssociatedData", "LatestProvenanceResources"),
     ("organizeOutputBy", "Encounter"),
-    ("allowPartialManifests", "true"),
+    ("allowPartialManifests", "yes"),
 ];
 /// How long any export of the test data may take.
 const EXPORT_DEADLINE: Duration = Duration::from_secs(60);

@@ -5,6 +5,7 @@ mod bundle;
 mod export;
 mod helpers;
 mod organize_output;
+mod partial_manifests;
 mod patient_export;
 mod rest;
 mod s3_output;

@@ -2,6 +2,7 @@
 //! units are claimed with `FOR UPDATE SKIP LOCKED`, and every write of a unit's results names
 //! the claim (owner and attempt) it was made under.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -838,11 +839,31 @@ impl JobStore for PgStore {
     }
 
     async fn job_files(&self, id: &str) -> Result<Vec<FileRecord>, StoreError> {
+        self.unit_files(id, i64::MIN..i64::MAX).await
+    }
+
+    async fn committed_units(&self, id: &str, units: Range<i64>) -> Result<Vec<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT unit_no FROM export_unit
+             WHERE job_id = $1 AND unit_no >= $2 AND unit_no < $3 AND status = 'done'
+             ORDER BY unit_no",
+        )
+        .bind(id)
+        .bind(units.start)
+        .bind(units.end)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn unit_files(&self, id: &str, units: Range<i64>) -> Result<Vec<FileRecord>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {FILE_COLUMNS} FROM export_file f WHERE f.job_id = $1
+            "SELECT {FILE_COLUMNS} FROM export_file f
+             WHERE f.job_id = $1 AND f.unit_no >= $2 AND f.unit_no < $3
              ORDER BY f.kind, f.res_type, f.unit_no, f.part"
         )))
         .bind(id)
+        .bind(units.start)
+        .bind(units.end)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(file_record).collect::<Result<_, _>>()?)

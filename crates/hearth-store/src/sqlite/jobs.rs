@@ -1,5 +1,7 @@
 //! [`JobStore`] and the export scan for SQLite.
 
+use std::ops::Range;
+
 use async_trait::async_trait;
 use hearth_fhir::instant::Micros;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -669,14 +671,35 @@ impl JobStore for SqliteStore {
     }
 
     async fn job_files(&self, id: &str) -> Result<Vec<FileRecord>, StoreError> {
+        self.unit_files(id, i64::MIN..i64::MAX).await
+    }
+
+    async fn committed_units(&self, id: &str, units: Range<i64>) -> Result<Vec<i64>, StoreError> {
+        let id = id.to_owned();
+        self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT unit_no FROM export_unit
+                 WHERE job_id = ?1 AND unit_no >= ?2 AND unit_no < ?3 AND status = 'done'
+                 ORDER BY unit_no",
+            )?;
+            let done = stmt
+                .query_map(params![id, units.start, units.end], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(done)
+        })
+        .await
+    }
+
+    async fn unit_files(&self, id: &str, units: Range<i64>) -> Result<Vec<FileRecord>, StoreError> {
         let id = id.to_owned();
         self.with_reader(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {FILE_COLUMNS} FROM export_file f WHERE f.job_id = ?1
+                "SELECT {FILE_COLUMNS} FROM export_file f
+                 WHERE f.job_id = ?1 AND f.unit_no >= ?2 AND f.unit_no < ?3
                  ORDER BY f.kind, f.res_type, f.unit_no, f.part"
             ))?;
             let files = stmt
-                .query_map([id], file_record)?
+                .query_map(params![id, units.start, units.end], file_record)?
                 .collect::<Result<_, _>>()?;
             Ok(files)
         })

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use hearth_store::Backend;
-use hearth_store::jobs::{CancelOutcome, JobStatus, UnitCommit, UnitKind, UnitPlan, UnitScope};
+use hearth_store::jobs::{
+    CancelOutcome, JOB_LEVEL_UNIT, JobStatus, UnitCommit, UnitKind, UnitPlan, UnitScope,
+};
 
 use crate::support::*;
 
@@ -332,5 +334,94 @@ pub async fn cancel_fences_units_in_flight_and_stops_claims(store: Arc<dyn Backe
     assert_eq!(
         store.job("j").await.unwrap().unwrap().status,
         JobStatus::Cancelled
+    );
+}
+
+const NONE: [i64; 0] = [];
+
+pub async fn committed_units_and_unit_files_cover_only_committed_units_in_the_range(
+    store: Arc<dyn Backend>,
+) {
+    let mut new = new_job(
+        "j",
+        "c",
+        1,
+        vec![
+            plan("Patient", UnitKind::Output, 0, 5),
+            plan("Observation", UnitKind::Output, 0, 5),
+            plan("Encounter", UnitKind::Output, 0, 5),
+            plan("Patient", UnitKind::Deleted, 0, 5),
+        ],
+    );
+    let report = file(
+        "f-error",
+        "j",
+        JOB_LEVEL_UNIT,
+        1,
+        "OperationOutcome",
+        "error",
+    );
+    new.files = vec![report.clone()];
+    insert(&store, new).await;
+    insert(
+        &store,
+        new_job(
+            "other",
+            "c",
+            2,
+            vec![plan("Patient", UnitKind::Output, 0, 5)],
+        ),
+    )
+    .await;
+    assert_eq!(store.committed_units("j", 0..4).await.unwrap(), NONE);
+
+    let u0 = claim(&store, "w", LEASE, NOW).await;
+    let u1 = claim(&store, "w", LEASE, NOW).await;
+    let u2 = claim(&store, "w", LEASE, NOW).await;
+    assert_eq!((u0.unit_no, u1.unit_no, u2.unit_no), (0, 1, 2));
+    let f2 = file("f2", "j", 2, 1, "Encounter", "output");
+    store.commit_unit(&u2, vec![f2.clone()], 1).await.unwrap();
+    // A unit that wrote nothing still counts as committed.
+    store.commit_unit(&u0, vec![], 0).await.unwrap();
+    let other = claim(&store, "w", LEASE, NOW).await;
+    assert_eq!(other.job_id, "j", "unit 3 of the older job comes first");
+    let theirs = claim(&store, "w", LEASE, NOW).await;
+    store
+        .commit_unit(
+            &theirs,
+            vec![file("f-other", "other", 0, 1, "Patient", "output")],
+            1,
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(store.committed_units("j", 0..4).await.unwrap(), [0, 2]);
+    assert_eq!(store.committed_units("j", 1..2).await.unwrap(), NONE);
+    assert_eq!(store.committed_units("j", 2..100).await.unwrap(), [2]);
+    assert_eq!(store.committed_units("other", 0..4).await.unwrap(), [0]);
+    assert_eq!(store.committed_units("nope", 0..4).await.unwrap(), NONE);
+
+    // Running units have no files yet; job-level files sit below every unit.
+    assert_eq!(
+        store.unit_files("j", 0..4).await.unwrap(),
+        std::slice::from_ref(&f2)
+    );
+    assert_eq!(store.unit_files("j", 0..2).await.unwrap(), []);
+    assert_eq!(
+        store.unit_files("j", JOB_LEVEL_UNIT..4).await.unwrap(),
+        [report, f2]
+    );
+
+    let f1a = file("f1a", "j", 1, 1, "Observation", "output");
+    let f1b = file("f1b", "j", 1, 2, "Observation", "output");
+    store
+        .commit_unit(&u1, vec![f1b.clone(), f1a.clone()], 2)
+        .await
+        .unwrap();
+    assert_eq!(store.committed_units("j", 0..4).await.unwrap(), [0, 1, 2]);
+    assert_eq!(
+        store.unit_files("j", 1..2).await.unwrap(),
+        [f1a, f1b],
+        "in manifest order"
     );
 }

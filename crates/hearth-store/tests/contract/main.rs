@@ -80,6 +80,7 @@ macro_rules! contract_suite {
                 leases::commit_of_an_already_committed_claim_is_fenced,
                 leases::provenance_units_wait_until_every_other_unit_of_the_job_is_done,
                 leases::cancel_fences_units_in_flight_and_stops_claims,
+                leases::committed_units_and_unit_files_cover_only_committed_units_in_the_range,
                 scans::scan_all_sees_the_versions_visible_at_the_snapshot,
                 scans::scan_stays_inside_the_units_seq_window,
                 scans::scan_deleted_returns_the_tombstones_of_the_window,
