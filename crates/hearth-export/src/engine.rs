@@ -927,6 +927,15 @@ impl Inner {
                 }
             }
         }
+        if unit.kind == UnitKind::Provenance && request.latest_provenance {
+            let noted = self.backend.scan_unit(unit, &mut |row| {
+                policy.note_latest_provenance(unit, &row);
+                Ok(!self.shutdown.load(Ordering::Relaxed)
+                    && !heartbeat.cancelled.load(Ordering::Relaxed))
+            });
+            noted?;
+            policy.settle_latest_provenance();
+        }
         let record_keys = unit.kind == UnitKind::Output && provenance_by_target(&request);
         let mut files = UnitFiles::new(&dir, unit, self.config.max_file_bytes, record_keys)?;
         // Organized output: the unit's patients by key, to name the block each row opens.

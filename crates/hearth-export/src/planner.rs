@@ -139,9 +139,11 @@ pub fn provenance_by_target(request: &ExportRequest) -> bool {
         request.types.is_empty() || request.types.iter().any(|t| t == "Provenance");
     let compartment_level = request.level != Level::System;
     if compartment_level {
-        provenance_requested || request.relevant_provenance
+        provenance_requested || request.relevant_provenance || request.latest_provenance
     } else {
-        request.relevant_provenance && !provenance_requested
+        // Latest leaves out the Provenance that is not the latest of an exported resource, so
+        // even a system export that asks for Provenance picks it by target then.
+        request.latest_provenance || request.relevant_provenance && !provenance_requested
     }
 }
 
@@ -312,6 +314,12 @@ pub async fn plan(
         };
         match &patients {
             _ if count == 0 => {}
+            // The latest Provenance of a resource is known only after seeing all of its
+            // Provenance: one unit that reads the type twice (see `RowPolicy`).
+            _ if request.latest_provenance => {
+                estimated_resources += count;
+                units.extend(provenance_range(UnitScope::All, 1));
+            }
             // A Provenance whose target is one of the job's resources is in that patient's
             // compartment when it also targets the patient (as Synthea's and most systems'
             // do), or else usually in no compartment at all: look in those two places, so the

@@ -49,6 +49,10 @@ pub struct ExportRequest {
     /// `includeAssociatedData=RelevantProvenanceResources`.
     #[serde(default)]
     pub relevant_provenance: bool,
+    /// `includeAssociatedData=LatestProvenanceResources` without `RelevantProvenanceResources`
+    /// (which, less restrictive, wins when both are asked for).
+    #[serde(default)]
+    pub latest_provenance: bool,
     /// `_typeFilter` (and eHealth's `_typePostFetchFilterUrl`) queries, `Type?params`, each
     /// checked by the search engine at kick-off.
     #[serde(default)]
@@ -149,6 +153,7 @@ impl ExportRequest {
             elements: Vec::new(),
             patients: Vec::new(),
             relevant_provenance: false,
+            latest_provenance: false,
             resolved_patients: Vec::new(),
             organize_output_by: None,
             type_filters: Vec::new(),
@@ -302,7 +307,7 @@ impl ExportRequest {
                             LATEST_PROVENANCE => latest_provenance_asked = true,
                             other => {
                                 let reason = format!(
-                                    "includeAssociatedData '{other}' is not supported (RelevantProvenanceResources is)"
+                                    "includeAssociatedData '{other}' is not supported (LatestProvenanceResources and RelevantProvenanceResources are)"
                                 );
                                 if lenient {
                                     request.ignored.push(IgnoredParameter {
@@ -386,12 +391,16 @@ impl ExportRequest {
             }
         }
         // With several values the least restrictive applies: Relevant covers Latest.
-        if latest_provenance_asked && !request.relevant_provenance {
-            let reason = "includeAssociatedData LatestProvenanceResources is not supported (RelevantProvenanceResources is)".to_owned();
+        request.latest_provenance = latest_provenance_asked && !request.relevant_provenance;
+        if request.latest_provenance && request.organize_output_by.is_some() {
+            // Blocks hold a compartment's Provenance as it is; picking the latest would need
+            // the whole export first.
+            let reason = "includeAssociatedData=LatestProvenanceResources cannot be combined with organizeOutputBy".to_owned();
             if lenient {
+                request.latest_provenance = false;
                 request.ignored.push(IgnoredParameter {
                     name: "includeAssociatedData".into(),
-                    reason,
+                    reason: format!("{reason}; it was ignored"),
                 });
             } else {
                 return Err(refuse("includeAssociatedData", reason));
@@ -495,7 +504,7 @@ mod tests {
             (vec![("_since", "2057-01-01T00:00:00+05:00")], "_since"),
             (vec![("_elements", "Nope.id")], "_elements"),
             (
-                vec![("includeAssociatedData", "LatestProvenanceResources")],
+                vec![("includeAssociatedData", "_custom")],
                 "includeAssociatedData",
             ),
             (vec![("patient", "Patient/1")], "patient"),
@@ -571,7 +580,11 @@ mod tests {
     #[test]
     fn manifest_settings_are_read_back_from_the_stored_request() {
         let request = parse(
-            &[("allowPartialManifests", "true"), ("_exportId", "x-1")],
+            &[
+                ("allowPartialManifests", "true"),
+                ("_exportId", "x-1"),
+                ("organizeOutputBy", "Patient"),
+            ],
             false,
         )
         .unwrap();
@@ -580,7 +593,8 @@ mod tests {
             ManifestSettings::of_stored(&stored).unwrap(),
             ManifestSettings {
                 allow_partial_manifests: true,
-                export_id: Some("x-1".into())
+                export_id: Some("x-1".into()),
+                organize_output_by: Some("Patient".into()),
             }
         );
         let stored = serde_json::to_string(&parse(&[], false).unwrap()).unwrap();

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use hearth_fhir::envelope::{compartment_of_body, subset_elements};
-use hearth_fhir::instant::{Micros, write_instant};
+use hearth_fhir::instant::{Micros, parse_instant, write_instant};
 use hearth_fhir::search::Filter;
 use hearth_store::jobs::{ClaimedUnit, ScanRow, UnitKind, UnitScope};
 use hearth_store::resource_key;
@@ -24,6 +24,8 @@ pub struct RowPolicy<'a> {
     first_routes: HashMap<hearth_store::Seq, Option<i64>>,
     /// For a Provenance unit: the keys of every resource the job exported, sorted.
     exported: Option<Vec<i64>>,
+    /// `LatestProvenanceResources`: which Provenance are the latest of an exported resource.
+    latest_provenance: Option<LatestProvenance>,
     /// `_typeFilter`: per type, the filters of which a resource must match one.
     type_filters: FiltersByType,
     /// The access token's granular scopes: per type, the filters of which a resource must
@@ -66,6 +68,7 @@ impl<'a> RowPolicy<'a> {
             job_patients: None,
             first_routes: HashMap::new(),
             exported: None,
+            latest_provenance: request.latest_provenance.then(LatestProvenance::default),
             type_filters: filters_by_type(&request.type_filters),
             scope_filters: filters_by_type(&request.scope_filters),
         }
@@ -73,6 +76,17 @@ impl<'a> RowPolicy<'a> {
 
     /// Whether the row belongs in the output of this unit.
     pub fn keep(&mut self, unit: &ClaimedUnit, row: &ScanRow<'_>) -> bool {
+        if !self.selects(unit, row) {
+            return false;
+        }
+        match &self.latest_provenance {
+            Some(latest) if unit.kind == UnitKind::Provenance => latest.winners.contains(&row.seq),
+            _ => true,
+        }
+    }
+
+    /// [`RowPolicy::keep`] before the choice of the latest Provenance.
+    fn selects(&mut self, unit: &ClaimedUnit, row: &ScanRow<'_>) -> bool {
         if let UnitScope::Patients(_) = unit.scope
             && row.compartment_size > 1
             && !self.is_first_route(row)
@@ -94,6 +108,44 @@ impl<'a> RowPolicy<'a> {
                 .is_some_and(|exported| provenance_targets_any(row.body, exported));
         }
         true
+    }
+
+    /// The first of a Provenance unit's two passes under `LatestProvenanceResources`: notes,
+    /// for every exported resource this Provenance targets, whether it is the latest seen
+    /// (by `recorded`, then by change sequence). The second pass ([`RowPolicy::keep`]) writes
+    /// the Provenance that are the latest of some resource.
+    pub fn note_latest_provenance(&mut self, unit: &ClaimedUnit, row: &ScanRow<'_>) {
+        if !self.selects(unit, row) {
+            return;
+        }
+        let (Some(exported), Some(latest)) = (&self.exported, &mut self.latest_provenance) else {
+            return;
+        };
+        let Ok(parsed) = serde_json::from_slice::<ProvenanceTargets>(row.body) else {
+            return;
+        };
+        let recorded = parsed
+            .recorded
+            .as_deref()
+            .and_then(|r| parse_instant(r).ok())
+            .unwrap_or(Micros::MIN);
+        let rank = (recorded, row.seq);
+        for key in target_keys(&parsed) {
+            if exported.binary_search(&key).is_ok() {
+                let best = latest.by_target.entry(key).or_insert(rank);
+                if rank > *best {
+                    *best = rank;
+                }
+            }
+        }
+    }
+
+    /// Ends the first pass of [`RowPolicy::note_latest_provenance`].
+    pub fn settle_latest_provenance(&mut self) {
+        if let Some(latest) = &mut self.latest_provenance {
+            latest.winners = latest.by_target.values().map(|&(_, seq)| seq).collect();
+            latest.by_target = HashMap::new();
+        }
     }
 
     /// A resource in the compartments of several of the job's patients is found once per
@@ -152,6 +204,29 @@ impl<'a> RowPolicy<'a> {
 struct ProvenanceTargets {
     #[serde(default)]
     target: Vec<TargetReference>,
+    recorded: Option<String>,
+}
+
+/// `LatestProvenanceResources` state of a Provenance unit.
+#[derive(Default)]
+struct LatestProvenance {
+    /// First pass: per exported resource key, the (recorded, seq) of its latest Provenance.
+    by_target: HashMap<i64, (Micros, hearth_store::Seq)>,
+    /// Second pass: the Provenance to write.
+    winners: HashSet<hearth_store::Seq>,
+}
+
+/// The resource keys of a Provenance's `target` references (`Type/id`, also absolute).
+fn target_keys(parsed: &ProvenanceTargets) -> impl Iterator<Item = i64> + '_ {
+    parsed
+        .target
+        .iter()
+        .filter_map(|t| t.reference.as_deref())
+        .filter_map(|reference| {
+            let mut segments = reference.rsplit('/');
+            let (id, target_type) = (segments.next()?, segments.next()?);
+            Some(resource_key(target_type, id))
+        })
 }
 
 #[derive(Deserialize)]
@@ -163,19 +238,7 @@ fn provenance_targets_any(body: &[u8], exported: &[i64]) -> bool {
     let Ok(parsed) = serde_json::from_slice::<ProvenanceTargets>(body) else {
         return false;
     };
-    parsed
-        .target
-        .iter()
-        .filter_map(|t| t.reference.as_deref())
-        .any(|reference| {
-            let mut segments = reference.rsplit('/');
-            let (Some(id), Some(target_type)) = (segments.next(), segments.next()) else {
-                return false;
-            };
-            exported
-                .binary_search(&resource_key(target_type, id))
-                .is_ok()
-        })
+    target_keys(&parsed).any(|key| exported.binary_search(&key).is_ok())
 }
 
 impl RowPolicy<'_> {

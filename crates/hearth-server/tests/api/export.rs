@@ -27,7 +27,7 @@ const UNSUPPORTED: [(&str, &str); 6] = [
     ("_elements", "name.family"),
     ("_typeFilter", "Patient?status=active"),
     ("_typePostFetchFilterUrl", "Patient?status=active"),
-    ("includeAssociatedData", "LatestProvenanceResources"),
+    ("includeAssociatedData", "_customValue"),
     ("organizeOutputBy", "Encounter"),
     ("allowPartialManifests", "yes"),
 ];

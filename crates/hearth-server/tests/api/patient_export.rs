@@ -1442,13 +1442,13 @@ async fn system_exports_include_provenance_by_default_and_relevant_provenance_on
 }
 
 #[tokio::test]
-async fn latest_provenance_alone_or_an_unknown_value_is_400_or_reported_when_lenient() {
+async fn an_unknown_include_associated_data_value_is_400_or_reported_when_lenient() {
     let server = spawn_server_with_synthea().await;
     server
         .upsert(&group("g", vec![member(&patient_ref(PATIENT))]))
         .await;
     for level in ["/$export", "/Patient/$export", "/Group/g/$export"] {
-        for value in ["LatestProvenanceResources", "_unknownCustomValue", "Bogus"] {
+        for value in ["_unknownCustomValue", "Bogus"] {
             let path = format!("{level}?_type=Patient&includeAssociatedData={value}");
             expect_refused(
                 export_kick_off(&server, &path, None, false).await,
@@ -1999,4 +1999,124 @@ async fn provenance_by_target_spread_over_several_units_is_exported_once() {
     expected.extend((0..6).map(|extra| format!("prov-extra-{extra}")));
     assert_eq!(export.ids_of("Provenance"), expected);
     assert!(export.errors.is_empty(), "{:?}", export.errors);
+}
+
+#[tokio::test]
+async fn latest_provenance_keeps_only_the_most_recent_provenance_of_each_exported_resource() {
+    let server = spawn_server_with_synthea().await;
+    let observations = patient_observations(&synthea_resources());
+    let (first, second) = (&observations[0], &observations[1]);
+    server
+        .upsert(&group("g", vec![member(&patient_ref(PATIENT))]))
+        .await;
+    let recorded = |id: &str, targets: &[&str], at: &str| {
+        let mut resource = provenance(id, targets);
+        resource["recorded"] = json!(at);
+        resource
+    };
+    store_all(
+        &server,
+        &[
+            // Two of the first Observation: the later one wins, whatever the store order.
+            recorded(
+                "prov-late",
+                &[&format!("Observation/{first}")],
+                "2024-05-01T00:00:00Z",
+            ),
+            recorded(
+                "prov-early",
+                &[&format!("Observation/{first}")],
+                "2021-05-01T00:00:00Z",
+            ),
+            // The only one of the second Observation, older than both: still its latest.
+            recorded(
+                "prov-only",
+                &[&format!("Observation/{second}")],
+                "2019-01-01T00:00:00Z",
+            ),
+            // The patient's: the latest of the Patient resource.
+            recorded(
+                "prov-patient-old",
+                &[&patient_ref(PATIENT)],
+                "2018-01-01T00:00:00Z",
+            ),
+            recorded(
+                "prov-patient-new",
+                &[&patient_ref(PATIENT)],
+                "2023-01-01T00:00:00Z",
+            ),
+        ],
+    )
+    .await;
+    let latest = "includeAssociatedData=LatestProvenanceResources";
+
+    // System level, Observations only: the latest Provenance of each exported Observation.
+    let export = run(
+        &server,
+        &format!("/$export?_type=Observation&{latest}"),
+        None,
+    )
+    .await;
+    assert!(export.errors.is_empty(), "{:?}", export.errors);
+    assert_eq!(
+        export.ids_of("Provenance"),
+        set(&["prov-late", "prov-only"])
+    );
+
+    // Without _type the system export would hold every Provenance; Latest leaves out the
+    // older ones.
+    let everything = run(&server, &format!("/$export?{latest}"), None).await;
+    assert_eq!(
+        everything.ids_of("Provenance"),
+        set(&["prov-late", "prov-only", "prov-patient-new"])
+    );
+
+    // Group and Patient level: the same choice within the compartment.
+    for path in [
+        format!("/Group/g/$export?{latest}"),
+        format!("/Patient/$export?{latest}"),
+    ] {
+        let export = run(&server, &path, None).await;
+        assert!(export.errors.is_empty(), "{path}: {:?}", export.errors);
+        assert_eq!(
+            export.ids_of("Provenance"),
+            set(&["prov-late", "prov-only", "prov-patient-new"]),
+            "{path}"
+        );
+    }
+    // Without the parameter the Group export keeps all of them.
+    let all = run(&server, "/Group/g/$export", None).await;
+    assert_eq!(
+        all.ids_of("Provenance"),
+        set(&[
+            "prov-late",
+            "prov-early",
+            "prov-only",
+            "prov-patient-old",
+            "prov-patient-new"
+        ])
+    );
+    // With RelevantProvenanceResources too, the least restrictive applies.
+    let both = run(
+        &server,
+        &format!("/$export?_type=Observation&{latest},RelevantProvenanceResources"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        both.ids_of("Provenance"),
+        set(&["prov-late", "prov-early", "prov-only"])
+    );
+    // Blocks cannot pick the latest: refused by name.
+    expect_refused(
+        export_kick_off(
+            &server,
+            &format!("/Patient/$export?organizeOutputBy=Patient&{latest}"),
+            None,
+            false,
+        )
+        .await,
+        "includeAssociatedData",
+    )
+    .await;
 }
