@@ -147,6 +147,21 @@ pub fn provenance_by_target(request: &ExportRequest) -> bool {
     }
 }
 
+/// Whether, in a `Patient/$export` of every patient, each Provenance in some patient's
+/// compartment is the Provenance of an exported resource without looking at its targets: it is
+/// in a compartment because it targets that Patient, and every Patient is exported whole (no
+/// `_since` window, no filter on Patient, not only the latest Provenance).
+fn compartment_provenance_is_relevant(request: &ExportRequest) -> bool {
+    let filters_patient = |queries: &[String]| queries.iter().any(|q| q.starts_with("Patient?"));
+    request.level == Level::Patient
+        && request.patients.is_empty()
+        && request.since.is_none()
+        && !request.latest_provenance
+        && (request.types.is_empty() || request.types.iter().any(|t| t == "Patient"))
+        && !filters_patient(&request.type_filters)
+        && !filters_patient(&request.scope_filters)
+}
+
 /// Plans `request` against `snapshot`.
 pub async fn plan(
     backend: &dyn Backend,
@@ -229,8 +244,13 @@ pub async fn plan(
     // whose target is in the compartment"), and whenever RelevantProvenanceResources is asked
     // for and `_type` does not export Provenance whole anyway.
     let provenance_by_target = provenance_by_target(request);
+    let compartment_provenance_exported =
+        provenance_by_target && patients.is_none() && compartment_provenance_is_relevant(request);
     if provenance_by_target {
         types.retain(|t| t != "Provenance");
+        if compartment_provenance_exported {
+            types.push("Provenance".to_owned());
+        }
     }
 
     let mut work = Work::default();
@@ -324,6 +344,11 @@ pub async fn plan(
             // compartment when it also targets the patient (as Synthea's and most systems'
             // do), or else usually in no compartment at all: look in those two places, so the
             // work follows the job's patients rather than the store's size.
+            // The compartments' Provenance is exported like any compartment type: only the
+            // Provenance outside every compartment needs its targets checked.
+            None if compartment_provenance_exported => {
+                units.extend(provenance_range(UnitScope::Outside, 1));
+            }
             Some(patients) => {
                 for batch in patients.chunks(PATIENTS_PER_UNIT) {
                     units.push(UnitPlan {

@@ -1480,6 +1480,15 @@ async fn patient_and_group_exports_include_the_provenance_of_the_compartment() {
     assert_eq!(by_group.ids_of("Provenance"), compartment_provenance);
     let everyone = run(&server, "/Patient/$export", None).await;
     assert_eq!(everyone.ids_of("Provenance"), compartment_provenance);
+    // A Patient left out by a filter takes the Provenance that only targets it along.
+    let others = run(
+        &server,
+        &format!("/Patient/$export?_typeFilter=Patient%3F_id%3D{OTHER}"),
+        None,
+    )
+    .await;
+    assert_eq!(others.ids_of("Patient"), set(&[OTHER]));
+    assert_eq!(others.ids_of("Provenance"), set(&["prov-observation"]));
     let observations_only = run(&server, "/Group/g/$export?_type=Observation", None).await;
     assert_eq!(
         observations_only.output.keys().collect::<Vec<_>>(),
