@@ -7,6 +7,7 @@ the same run. Results are medians of --runs runs; paste the printed table into B
     python3 bench/run.py read   --data /tmp/bench               # GET [base]/Observation/<id> under wrk
     python3 bench/run.py client --data /tmp/bench [--parallel 4] # hearth export downloading a whole export: MB/s, peak RSS
     python3 bench/run.py levels --data /tmp/bench [--runs 3]    # Patient/Group export and _typeFilter vs system
+    python3 bench/run.py groups --data /tmp/s300k /tmp/s2m      # Group export time by group size and store size
     python3 bench/run.py pg --database URL --data /tmp/pgb [--s3]  # PostgreSQL: export vs a bare COPY, one vs two instances
     python3 bench/run.py pgload --server URL DIR...               # hearth load --database vs psql COPY of the same lines
     python3 bench/run.py grow --data /tmp/g --base S1M --add S2M  # load into a store that already holds a set vs into an empty one
@@ -219,6 +220,49 @@ def cmd_read(args):
         server.stop()
 
 
+def timed_export(server, path, runs, kept=None):
+    """Median seconds from kick-off of `path` to its manifest (polled every 50 ms), the resources
+    it listed, and the last manifest. Jobs are cancelled after, unless `kept` collects them."""
+    times, counts = [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        status, headers, body = request(server.base + path,
+                                        headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
+        assert status == 202, (status, body)
+        location = headers["content-location"]
+        while True:
+            status, _, body = request(location)
+            if status == 200:
+                break
+            assert status == 202, (status, body)
+            time.sleep(0.05)
+        times.append(time.perf_counter() - started)
+        manifest = json.loads(body)
+        counts.append(sum(item["count"] for item in manifest["output"]))
+        if kept is not None:
+            kept.append(location)
+        else:
+            request(location, method="DELETE")
+    return statistics.median(times), counts[0], manifest
+
+
+def cmd_groups(args):
+    """Group export time against the group's size and the store's: synthetic groups of 10, 100
+    and 1,000 members in each store given."""
+    print("| store | " + " | ".join(args.groups) + " |")
+    print("|---" * (len(args.groups) + 1) + "|")
+    for data in args.data:
+        server = Server(data, extra=["--export-workers", str(args.workers)])
+        try:
+            cells = []
+            for group in args.groups:
+                seconds, count, _ = timed_export(server, f"/Group/{group}/$export", args.runs)
+                cells.append(f"{count:,} resources in {seconds:.3f} s")
+            print(f"| {os.path.basename(os.path.normpath(data))} | " + " | ".join(cells) + " |")
+        finally:
+            server.stop()
+
+
 def cmd_levels(args):
     """Patient/Group export and _typeFilter against the system export, measured in one run."""
     server = Server(args.data, extra=["--export-workers", str(args.workers)])
@@ -226,27 +270,7 @@ def cmd_levels(args):
         kept = []
 
         def timed(params, path="/$export", keep=False):
-            times, counts = [], []
-            for _ in range(args.runs):
-                started = time.perf_counter()
-                status, headers, body = request(server.base + path + params,
-                                                headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
-                assert status == 202, (status, body)
-                location = headers["content-location"]
-                while True:
-                    status, _, body = request(location)
-                    if status == 200:
-                        break
-                    assert status == 202, (status, body)
-                    time.sleep(0.05)
-                times.append(time.perf_counter() - started)
-                manifest = json.loads(body)
-                counts.append(sum(item["count"] for item in manifest["output"]))
-                if keep:
-                    kept.append(location)
-                else:
-                    request(location, method="DELETE")
-            return statistics.median(times), counts[0], manifest
+            return timed_export(server, path + params, args.runs, kept if keep else None)
 
         system_s, system_n, _ = timed("")
         print(f"system export: {system_n:,} resources in {system_s:.3f} s = {system_n / system_s:,.0f}/s")
@@ -516,11 +540,14 @@ def main():
     pg.add_argument("--two", action="store_true", help="also run a second instance on the same database")
     grow = sub.add_parser("grow"); grow.add_argument("--data", required=True); grow.add_argument("--base", required=True)
     grow.add_argument("--add", required=True); grow.add_argument("--runs", type=int, default=3)
+    groups = sub.add_parser("groups"); groups.add_argument("--data", required=True, nargs="+")
+    groups.add_argument("--groups", nargs="+", default=["group-10", "group-100", "group-1000"])
+    groups.add_argument("--runs", type=int, default=3); groups.add_argument("--workers", type=int, default=os.cpu_count())
     pgload = sub.add_parser("pgload"); pgload.add_argument("paths", nargs="+")
     pgload.add_argument("--server", default="postgres://postgres@127.0.0.1:5432", help="server URL without database")
     pgload.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client, "pg": cmd_pg, "pgload": cmd_pgload, "grow": cmd_grow}[args.cmd](args)
+    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client, "pg": cmd_pg, "pgload": cmd_pgload, "grow": cmd_grow, "groups": cmd_groups}[args.cmd](args)
 
 
 if __name__ == "__main__":
