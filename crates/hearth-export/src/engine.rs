@@ -19,8 +19,8 @@ use tokio::runtime::Handle;
 use crate::files::RollingWriter;
 use crate::manifest;
 use crate::output::{Output, OutputError, RemoteFile};
-use crate::planner::provenance_by_target;
 use crate::planner::{PlanError, plan};
+use crate::planner::{compartment_provenance_exported, provenance_by_target};
 use crate::request::{ExportRequest, Level, ManifestSettings, ParameterError};
 use crate::unit::{RowPolicy, UnitFiles, block_header, deletion_bundle, keys_file_name};
 
@@ -869,6 +869,60 @@ impl Inner {
         }
     }
 
+    /// Gives a Provenance unit the keys of every resource its job exported, from the key files
+    /// the output units left (fetched from object storage when they live there).
+    fn load_exported_keys(
+        self: &Arc<Self>,
+        unit: &ClaimedUnit,
+        dir: &Path,
+        policy: &mut RowPolicy<'_>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let files = self
+            .runtime
+            .block_on(self.backend.job_files(&unit.job_id))?;
+        // One key file per committed unit attempt, named after its output files.
+        let mut key_names: Vec<String> = files
+            .iter()
+            // Provenance units write the only Provenance of such a job, and no key files.
+            .filter(|f| f.kind == "output" && f.resource_type != "Provenance")
+            .filter_map(|f| {
+                let mut parts = file_name(&f.path).split('-');
+                let (unit_no, attempt) = (parts.next()?, parts.next()?);
+                Some(keys_file_name(
+                    unit_no.strip_prefix('u')?.parse().ok()?,
+                    attempt.strip_prefix('a')?.parse().ok()?,
+                ))
+            })
+            .collect();
+        key_names.sort();
+        key_names.dedup();
+        match &self.config.output {
+            Output::Local => {
+                let key_files: Vec<PathBuf> = key_names.iter().map(|n| dir.join(n)).collect();
+                policy.load_exported(&key_files)?;
+            }
+            Output::Object(object) => {
+                // The units that wrote them may have run in other processes.
+                let fetched = dir.join(format!("keys-u{}-a{}", unit.unit_no, unit.attempt));
+                std::fs::create_dir_all(&fetched)?;
+                let loaded = (|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                    let mut key_files = Vec::with_capacity(key_names.len());
+                    for name in &key_names {
+                        let local = fetched.join(name);
+                        self.runtime
+                            .block_on(object.fetch(&format!("{}/{name}", unit.job_id), &local))?;
+                        key_files.push(local);
+                    }
+                    policy.load_exported(&key_files)?;
+                    Ok(())
+                })();
+                let _ = std::fs::remove_dir_all(&fetched);
+                loaded?;
+            }
+        }
+        Ok(())
+    }
+
     /// Streams one unit into files and commits them. The outer error fails the job; the
     /// inner one means the unit was given up (its files removed) without failing anything.
     fn write_unit(
@@ -881,53 +935,20 @@ impl Inner {
         let heartbeat = self.start_heartbeat(unit);
         let request: ExportRequest = serde_json::from_str(&unit.request)?;
         let mut policy = RowPolicy::new(&request);
-        if unit.kind == UnitKind::Provenance {
-            let files = self
+        // Loaded at the first row: a unit with nothing to choose from does not read them.
+        let mut keys_pending = unit.kind == UnitKind::Provenance;
+        if unit.kind == UnitKind::Output
+            && unit.resource_type == "Provenance"
+            && compartment_provenance_exported(&request)
+        {
+            let patients = self
                 .runtime
-                .block_on(self.backend.job_files(&unit.job_id))?;
-            // One key file per committed unit attempt, named after its output files.
-            let mut key_names: Vec<String> = files
-                .iter()
-                // Provenance units write the only Provenance of such a job, and no key files.
-                .filter(|f| f.kind == "output" && f.resource_type != "Provenance")
-                .filter_map(|f| {
-                    let mut parts = file_name(&f.path).split('-');
-                    let (unit_no, attempt) = (parts.next()?, parts.next()?);
-                    Some(keys_file_name(
-                        unit_no.strip_prefix('u')?.parse().ok()?,
-                        attempt.strip_prefix('a')?.parse().ok()?,
-                    ))
-                })
-                .collect();
-            key_names.sort();
-            key_names.dedup();
-            match &self.config.output {
-                Output::Local => {
-                    let key_files: Vec<PathBuf> = key_names.iter().map(|n| dir.join(n)).collect();
-                    policy.load_exported(&key_files)?;
-                }
-                Output::Object(object) => {
-                    // The units that wrote them may have run in other processes.
-                    let fetched = dir.join(format!("keys-u{}-a{}", unit.unit_no, unit.attempt));
-                    std::fs::create_dir_all(&fetched)?;
-                    let loaded = (|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-                        let mut key_files = Vec::with_capacity(key_names.len());
-                        for name in &key_names {
-                            let local = fetched.join(name);
-                            self.runtime.block_on(
-                                object.fetch(&format!("{}/{name}", unit.job_id), &local),
-                            )?;
-                            key_files.push(local);
-                        }
-                        policy.load_exported(&key_files)?;
-                        Ok(())
-                    })();
-                    let _ = std::fs::remove_dir_all(&fetched);
-                    loaded?;
-                }
-            }
+                .block_on(self.backend.current_keys("Patient", unit.snapshot_seq))?;
+            policy.set_existing_patients(patients);
         }
         if unit.kind == UnitKind::Provenance && request.latest_provenance {
+            self.load_exported_keys(unit, &dir, &mut policy)?;
+            keys_pending = false;
             let noted = self.backend.scan_unit(unit, &mut |row| {
                 policy.note_latest_provenance(unit, &row);
                 Ok(!self.shutdown.load(Ordering::Relaxed)
@@ -955,6 +976,11 @@ impl Inner {
         let mut abandon = None;
         let mut line = Vec::new();
         let scanned = self.backend.scan_unit(unit, &mut |row| {
+            if keys_pending {
+                self.load_exported_keys(unit, &dir, &mut policy)
+                    .map_err(std::io::Error::other)?;
+                keys_pending = false;
+            }
             if policy.keep(unit, &row) {
                 match unit.kind {
                     UnitKind::Output | UnitKind::Provenance => {

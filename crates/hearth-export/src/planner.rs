@@ -128,6 +128,11 @@ fn active_patient_members(group: &[u8], at: Micros) -> Vec<String> {
     members
 }
 
+/// Whether `_type` asks for Provenance (or leaves it out, which asks for every type).
+fn provenance_requested(request: &ExportRequest) -> bool {
+    request.types.is_empty() || request.types.iter().any(|t| t == "Provenance")
+}
+
 /// Whether the job picks its Provenance by target after the other units (see
 /// `UnitKind::Provenance`). Never for organized output: Provenance there is what each
 /// patient's compartment holds (its target is the patient), inside the patient's block.
@@ -135,8 +140,7 @@ pub fn provenance_by_target(request: &ExportRequest) -> bool {
     if request.organize_output_by.is_some() {
         return false;
     }
-    let provenance_requested =
-        request.types.is_empty() || request.types.iter().any(|t| t == "Provenance");
+    let provenance_requested = provenance_requested(request);
     let compartment_level = request.level != Level::System;
     if compartment_level {
         provenance_requested || request.relevant_provenance || request.latest_provenance
@@ -147,17 +151,21 @@ pub fn provenance_by_target(request: &ExportRequest) -> bool {
     }
 }
 
-/// Whether, in a `Patient/$export` of every patient, each Provenance in some patient's
-/// compartment is the Provenance of an exported resource without looking at its targets: it is
-/// in a compartment because it targets that Patient, and every Patient is exported whole (no
-/// `_since` window, no filter on Patient, not only the latest Provenance).
-fn compartment_provenance_is_relevant(request: &ExportRequest) -> bool {
+/// Whether a `Patient/$export` of every patient that asks for Provenance exports the
+/// Provenance in the compartments as a compartment type, in parallel with the rest (see
+/// `RowPolicy`), rather than after everything else by its targets: such a Provenance is in a
+/// compartment because it targets that Patient, and every existing Patient's compartment is
+/// exported (no `_since` or `_until`, no filter on Patient, not only the latest Provenance), so
+/// it only has to target one that exists.
+pub fn compartment_provenance_exported(request: &ExportRequest) -> bool {
     let filters_patient = |queries: &[String]| queries.iter().any(|q| q.starts_with("Patient?"));
-    request.level == Level::Patient
+    provenance_requested(request)
+        && provenance_by_target(request)
+        && request.level == Level::Patient
         && request.patients.is_empty()
         && request.since.is_none()
+        && request.until.is_none()
         && !request.latest_provenance
-        && (request.types.is_empty() || request.types.iter().any(|t| t == "Patient"))
         && !filters_patient(&request.type_filters)
         && !filters_patient(&request.scope_filters)
 }
@@ -244,8 +252,7 @@ pub async fn plan(
     // whose target is in the compartment"), and whenever RelevantProvenanceResources is asked
     // for and `_type` does not export Provenance whole anyway.
     let provenance_by_target = provenance_by_target(request);
-    let compartment_provenance_exported =
-        provenance_by_target && patients.is_none() && compartment_provenance_is_relevant(request);
+    let compartment_provenance_exported = compartment_provenance_exported(request);
     if provenance_by_target {
         types.retain(|t| t != "Provenance");
         if compartment_provenance_exported {

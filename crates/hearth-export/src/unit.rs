@@ -1,6 +1,7 @@
 //! What a worker does with each row of a unit: choose (de-duplicate, filter), shape
 //! (`_elements`), and route it to the file of its type.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
@@ -24,6 +25,10 @@ pub struct RowPolicy<'a> {
     first_routes: HashMap<hearth_store::Seq, Option<i64>>,
     /// For a Provenance unit: the keys of every resource the job exported, sorted.
     exported: Option<Vec<i64>>,
+    /// Keys of the Patients that exist at the snapshot, for a unit that exports the
+    /// compartments' Provenance as a compartment type (see
+    /// `planner::compartment_provenance_exported`).
+    existing_patients: Option<Vec<i64>>,
     /// `LatestProvenanceResources`: which Provenance are the latest of an exported resource.
     latest_provenance: Option<LatestProvenance>,
     /// `_typeFilter`: per type, the filters of which a resource must match one.
@@ -68,6 +73,7 @@ impl<'a> RowPolicy<'a> {
             job_patients: None,
             first_routes: HashMap::new(),
             exported: None,
+            existing_patients: None,
             latest_provenance: request.latest_provenance.then(LatestProvenance::default),
             type_filters: filters_by_type(&request.type_filters),
             scope_filters: filters_by_type(&request.scope_filters),
@@ -107,7 +113,18 @@ impl<'a> RowPolicy<'a> {
                 .as_ref()
                 .is_some_and(|exported| provenance_targets_any(row.body, exported));
         }
+        if let Some(patients) = &self.existing_patients
+            && row.resource_type == "Provenance"
+        {
+            return names_a_patient_of(row.body, patients);
+        }
         true
+    }
+
+    /// Prepares a unit that exports the compartments' Provenance as a compartment type: a
+    /// Provenance is kept when one of its targets is an existing Patient (`keys` sorted).
+    pub fn set_existing_patients(&mut self, keys: Vec<i64>) {
+        self.existing_patients = Some(keys);
     }
 
     /// The first of a Provenance unit's two passes under `LatestProvenanceResources`: notes,
@@ -200,11 +217,14 @@ impl<'a> RowPolicy<'a> {
     }
 }
 
+/// What the Provenance steps read of a Provenance, borrowed from its bytes where they hold no
+/// escapes (every Provenance of the store may pass through here).
 #[derive(Deserialize)]
-struct ProvenanceTargets {
-    #[serde(default)]
-    target: Vec<TargetReference>,
-    recorded: Option<String>,
+struct ProvenanceTargets<'a> {
+    #[serde(default, borrow)]
+    target: Vec<TargetReference<'a>>,
+    #[serde(borrow)]
+    recorded: Option<Cow<'a, str>>,
 }
 
 /// `LatestProvenanceResources` state of a Provenance unit.
@@ -217,7 +237,7 @@ struct LatestProvenance {
 }
 
 /// The resource keys of a Provenance's `target` references (`Type/id`, also absolute).
-fn target_keys(parsed: &ProvenanceTargets) -> impl Iterator<Item = i64> + '_ {
+fn target_keys<'p>(parsed: &'p ProvenanceTargets<'_>) -> impl Iterator<Item = i64> + 'p {
     parsed
         .target
         .iter()
@@ -230,8 +250,29 @@ fn target_keys(parsed: &ProvenanceTargets) -> impl Iterator<Item = i64> + '_ {
 }
 
 #[derive(Deserialize)]
-struct TargetReference {
-    reference: Option<String>,
+struct TargetReference<'a> {
+    #[serde(borrow)]
+    reference: Option<Cow<'a, str>>,
+}
+
+/// Whether a Provenance in some patient's compartment (so with a Patient among its targets)
+/// references one of `patients` (sorted keys). Every Provenance of a `Patient/$export` passes
+/// here, so the references are found in the bytes rather than by parsing the resource; one
+/// with escaped slashes is parsed.
+fn names_a_patient_of(body: &[u8], patients: &[i64]) -> bool {
+    const PATIENT: &[u8] = b"Patient/";
+    if memchr::memmem::find(body, b"\\/").is_some() {
+        return provenance_targets_any(body, patients);
+    }
+    memchr::memmem::find_iter(body, PATIENT).any(|at| {
+        let rest = &body[at + PATIENT.len()..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'"' || b == b'/')
+            .unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end])
+            .is_ok_and(|id| patients.binary_search(&resource_key("Patient", id)).is_ok())
+    })
 }
 
 fn provenance_targets_any(body: &[u8], exported: &[i64]) -> bool {
@@ -424,6 +465,29 @@ mod tests {
             String::from_utf8(line).unwrap(),
             r#"{"resourceType":"Parameters","parameter":[{"name":"header","valueReference":{"reference":"Patient/p-1"}}]}"#
         );
+    }
+
+    #[test]
+    fn compartment_provenance_is_kept_when_it_names_an_existing_patient() {
+        let existing = {
+            let mut keys = vec![resource_key("Patient", "p1"), resource_key("Patient", "p2")];
+            keys.sort_unstable();
+            keys
+        };
+        for (body, kept) in [
+            (&br#"{"resourceType":"Provenance","target":[{"reference":"Observation/o"},{"reference":"Patient/p2"}]}"#[..], true),
+            (br#"{"resourceType":"Provenance","target":[{"reference":"http://h/fhir/Patient/p1/_history/3"}]}"#, true),
+            (br#"{"resourceType":"Provenance","target":[{"reference":"Patient/gone"}]}"#, false),
+            (br#"{"resourceType":"Provenance","target":[{"reference":"Patient\/p1"}]}"#, true),
+            (br#"{"resourceType":"Provenance","target":[{"reference":"Patient\/gone"}]}"#, false),
+        ] {
+            assert_eq!(
+                names_a_patient_of(body, &existing),
+                kept,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

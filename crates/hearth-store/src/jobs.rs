@@ -381,6 +381,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// change-sequence order.
     async fn current_ids(&self, resource_type: &str, upto: Seq) -> Result<Vec<String>, StoreError>;
 
+    /// The keys ([`crate::resource_key`]) of the resources of `resource_type` current (and not
+    /// deleted) at `upto`, sorted: 8 bytes a resource where [`JobStore::current_ids`] needs
+    /// the ids.
+    async fn current_keys(&self, resource_type: &str, upto: Seq) -> Result<Vec<i64>, StoreError>;
+
     /// Resource types with at least one version in `(after, upto]`.
     async fn types_present(&self, after: Seq, upto: Seq) -> Result<Vec<String>, StoreError>;
 

@@ -1478,6 +1478,12 @@ async fn patient_and_group_exports_include_the_provenance_of_the_compartment() {
     assert_eq!(by_patient.ids_of("Provenance"), compartment_provenance);
     let by_group = run(&server, "/Group/g/$export", None).await;
     assert_eq!(by_group.ids_of("Provenance"), compartment_provenance);
+    // In the compartment of a patient that does not exist, so the target of nothing exported.
+    store_all(
+        &server,
+        &[provenance("prov-dangling", &["Patient/no-such-patient"])],
+    )
+    .await;
     let everyone = run(&server, "/Patient/$export", None).await;
     assert_eq!(everyone.ids_of("Provenance"), compartment_provenance);
     // A Patient left out by a filter takes the Provenance that only targets it along.

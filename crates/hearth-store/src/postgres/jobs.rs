@@ -531,6 +531,20 @@ impl JobStore for PgStore {
         Ok(ids)
     }
 
+    async fn current_keys(&self, resource_type: &str, upto: Seq) -> Result<Vec<i64>, StoreError> {
+        let keys = sqlx::query_scalar(
+            "SELECT id_key FROM resource_version
+             WHERE res_type = $1 AND seq <= $2 AND (superseded_by IS NULL OR superseded_by > $2)
+               AND NOT deleted
+             ORDER BY id_key",
+        )
+        .bind(resource_type)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(keys)
+    }
+
     async fn types_present(&self, after: Seq, upto: Seq) -> Result<Vec<String>, StoreError> {
         // A skip scan over the (res_type, seq) index: one probe per distinct type.
         let types = sqlx::query_scalar(

@@ -380,6 +380,23 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn current_keys(&self, resource_type: &str, upto: Seq) -> Result<Vec<i64>, StoreError> {
+        let resource_type = resource_type.to_owned();
+        self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id_key FROM resource_version
+                 WHERE res_type = ?1 AND seq <= ?2 AND (superseded_by IS NULL OR superseded_by > ?2)
+                   AND deleted = 0",
+            )?;
+            let mut keys: Vec<i64> = stmt
+                .query_map(params![resource_type, upto], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            keys.sort_unstable();
+            Ok(keys)
+        })
+        .await
+    }
+
     async fn types_present(&self, after: Seq, upto: Seq) -> Result<Vec<String>, StoreError> {
         self.with_reader(move |conn| {
             // A skip scan over the (res_type, seq) index: one probe per distinct type.

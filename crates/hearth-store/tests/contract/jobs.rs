@@ -104,7 +104,7 @@ pub async fn type_range_counts_every_version_of_the_type_in_the_window(store: Ar
     );
 }
 
-pub async fn current_ids_lists_the_resources_current_at_the_seq(store: Arc<dyn Backend>) {
+pub async fn current_ids_and_keys_list_the_resources_current_at_the_seq(store: Arc<dyn Backend>) {
     let w = write_each(
         &store,
         vec![
@@ -130,6 +130,16 @@ pub async fn current_ids_lists_the_resources_current_at_the_seq(store: Arc<dyn B
         store.current_ids("Observation", s[5]).await.unwrap(),
         ["o1"]
     );
+    // The same resources as sorted keys.
+    for upto in [s[5], s[4], s[1], 0] {
+        let mut expected: Vec<i64> = ids(upto)
+            .await
+            .iter()
+            .map(|id| hearth_store::resource_key("Patient", id))
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(store.current_keys("Patient", upto).await.unwrap(), expected);
+    }
 }
 
 pub async fn types_present_lists_types_with_a_version_in_the_window(store: Arc<dyn Backend>) {

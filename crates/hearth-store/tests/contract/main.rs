@@ -54,7 +54,7 @@ macro_rules! contract_suite {
                 search::search_with_count_zero_returns_only_the_total,
                 jobs::snapshot_covers_every_committed_write_and_precedes_later_ones,
                 jobs::type_range_counts_every_version_of_the_type_in_the_window,
-                jobs::current_ids_lists_the_resources_current_at_the_seq,
+                jobs::current_ids_and_keys_list_the_resources_current_at_the_seq,
                 jobs::types_present_lists_types_with_a_version_in_the_window,
                 jobs::compartment_rows_count_versions_in_the_patients_compartments,
                 jobs::inserted_job_reads_back_with_every_field,
