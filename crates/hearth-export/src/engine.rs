@@ -135,8 +135,8 @@ struct Inner {
     cancelled: Mutex<HashSet<String>>,
     shutdown: AtomicBool,
     wake: (Mutex<u64>, Condvar),
-    /// Recently read job rows, by id, with when they were read.
-    job_cache: Mutex<HashMap<String, (Instant, JobRecord)>>,
+    /// Recently read job rows, by id.
+    job_cache: Mutex<HashMap<String, CachedJob>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// Sweeps so far.
     sweeps: AtomicU64,
@@ -383,6 +383,9 @@ impl ExportEngine {
                 // clients polling hard cost the store nothing.
                 if job.polls > 0 && (job.status != JobStatus::Completed || job.manifest_shown) {
                     self.inner.cache_job(&job);
+                } else {
+                    // Nor may the copy that went stale answer for it any more.
+                    self.inner.forget_job(id);
                 }
                 job
             }
@@ -546,9 +549,7 @@ impl ExportEngine {
     /// DELETE on the status URL.
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
         let outcome = self.inner.backend.cancel_job(id).await?;
-        if let Ok(mut cache) = self.inner.job_cache.lock() {
-            cache.remove(id);
-        }
+        self.inner.forget_job(id);
         if outcome != CancelOutcome::NotFound {
             if let Ok(mut cancelled) = self.inner.cancelled.lock() {
                 cancelled.insert(id.to_owned());
@@ -737,20 +738,51 @@ enum Abandon {
 
 /// How long a polled job's row is served from memory: progress lags by at most this much.
 const JOB_CACHE_TTL: Duration = Duration::from_millis(20);
+/// While one poll reads a job's row again, the others are answered from the copy that just
+/// went stale, up to this age, rather than all reading the store at once (a client polling
+/// over many connections would otherwise queue on the store every `JOB_CACHE_TTL`).
+const JOB_CACHE_STALE_WHILE_READING: Duration = Duration::from_millis(250);
+
+struct CachedJob {
+    read_at: Instant,
+    job: JobRecord,
+    /// A poll is reading the row again.
+    refreshing: bool,
+}
 
 impl Inner {
+    /// The cached row of job `id`, or `None` when the caller must read it (and then
+    /// [`Inner::cache_job`] it).
     fn cached_job(&self, id: &str) -> Option<JobRecord> {
-        let cache = self.job_cache.lock().ok()?;
-        let (read_at, job) = cache.get(id)?;
-        (read_at.elapsed() < JOB_CACHE_TTL).then(|| job.clone())
+        let mut cache = self.job_cache.lock().ok()?;
+        let cached = cache.get_mut(id)?;
+        let age = cached.read_at.elapsed();
+        if age < JOB_CACHE_TTL || cached.refreshing && age < JOB_CACHE_STALE_WHILE_READING {
+            return Some(cached.job.clone());
+        }
+        cached.refreshing = true;
+        None
+    }
+
+    fn forget_job(&self, id: &str) {
+        if let Ok(mut cache) = self.job_cache.lock() {
+            cache.remove(id);
+        }
     }
 
     fn cache_job(&self, job: &JobRecord) {
         if let Ok(mut cache) = self.job_cache.lock() {
             if cache.len() >= 1024 {
-                cache.retain(|_, (read_at, _)| read_at.elapsed() < JOB_CACHE_TTL);
+                cache.retain(|_, cached| cached.read_at.elapsed() < JOB_CACHE_STALE_WHILE_READING);
             }
-            cache.insert(job.id.clone(), (Instant::now(), job.clone()));
+            cache.insert(
+                job.id.clone(),
+                CachedJob {
+                    read_at: Instant::now(),
+                    job: job.clone(),
+                    refreshing: false,
+                },
+            );
         }
     }
 
