@@ -14,8 +14,8 @@ use hearth_server::{Embedded, ExportSettings, ServerConfig};
 use hearth_store::{SqliteStore, Store};
 use reqwest::{Method, Response, StatusCode};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
-use serde_json::Value;
 use serde_json::value::RawValue;
+use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -746,4 +746,34 @@ pub async fn export_file_lines(server: &TestServer, url: &str) -> Vec<String> {
             line.to_owned()
         })
         .collect()
+}
+
+/// A hand-checked patient of the 10-patient Synthea set (Marquardt; the one patient with an
+/// AllergyIntolerance).
+pub const PATIENT: &str = "63731047-b5a9-4b05-a14b-8cf6507efc98";
+/// Another patient of the set (Fonseca, 84 resources).
+pub const OTHER: &str = "27de96c6-6910-4f0f-8f10-00ce6090f447";
+
+pub fn patient_ref(id: &str) -> String {
+    format!("Patient/{id}")
+}
+
+/// One NDJSON line as JSON.
+pub fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+/// `Parameters` with these entries: `patient` as a `valueReference`, the rest `valueString`.
+pub fn parameters(entries: &[(&str, &str)]) -> Value {
+    let parameter: Vec<Value> = entries
+        .iter()
+        .map(|(name, value)| {
+            if *name == "patient" {
+                json!({"name": name, "valueReference": {"reference": value}})
+            } else {
+                json!({"name": name, "valueString": value})
+            }
+        })
+        .collect();
+    json!({"resourceType": "Parameters", "parameter": parameter})
 }

@@ -12,10 +12,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-/// Patients of the 10-patient Synthea set (Marquardt, Fonseca).
-const PATIENT: &str = "63731047-b5a9-4b05-a14b-8cf6507efc98";
-const OTHER: &str = "27de96c6-6910-4f0f-8f10-00ce6090f447";
-
 /// `Type/id`.
 type Key = String;
 
@@ -84,20 +80,12 @@ impl Organized {
     }
 }
 
-fn parse(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-}
-
 fn key_of(resource: &Value) -> Key {
     format!(
         "{}/{}",
         resource["resourceType"].as_str().expect("a resourceType"),
         id_of(resource)
     )
-}
-
-fn patient_ref(id: &str) -> String {
-    format!("Patient/{id}")
 }
 
 /// The patient a block header names, or `None` for a line that is not a header.
@@ -113,21 +101,6 @@ fn header_patient(line: &Value) -> Option<String> {
         .strip_prefix("Patient/")
         .unwrap_or_else(|| panic!("a header naming {reference}"));
     Some(id.to_owned())
-}
-
-/// `Parameters` with these entries: `patient` as a `valueReference`, the rest `valueString`.
-fn parameters(entries: &[(&str, &str)]) -> Value {
-    let parameter: Vec<Value> = entries
-        .iter()
-        .map(|(name, value)| {
-            if *name == "patient" {
-                json!({"name": name, "valueReference": {"reference": value}})
-            } else {
-                json!({"name": name, "valueString": value})
-            }
-        })
-        .collect();
-    json!({"resourceType": "Parameters", "parameter": parameter})
 }
 
 async fn manifest_of(

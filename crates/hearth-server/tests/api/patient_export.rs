@@ -19,11 +19,6 @@ use serde_json::{Map, Value, json};
 
 use crate::helpers::*;
 
-/// A hand-checked patient of the 10-patient Synthea set (Marquardt; the one patient with an
-/// AllergyIntolerance).
-const PATIENT: &str = "63731047-b5a9-4b05-a14b-8cf6507efc98";
-/// Another patient of the set (Fonseca, 84 resources).
-const OTHER: &str = "27de96c6-6910-4f0f-8f10-00ce6090f447";
 /// The Synthea set's only female patient (Tremblay).
 const FEMALE: &str = "dbf9798e-4b52-4cd9-a9eb-ec36149c859a";
 
@@ -143,25 +138,6 @@ impl Finished {
     }
 }
 
-/// `Parameters` with these entries: `patient` as a `valueReference`, the rest `valueString`.
-fn parameters(entries: &[(&str, &str)]) -> Value {
-    let parameter: Vec<Value> = entries
-        .iter()
-        .map(|(name, value)| {
-            if *name == "patient" {
-                json!({"name": name, "valueReference": {"reference": value}})
-            } else {
-                json!({"name": name, "valueString": value})
-            }
-        })
-        .collect();
-    json!({"resourceType": "Parameters", "parameter": parameter})
-}
-
-fn patient_ref(id: &str) -> String {
-    format!("Patient/{id}")
-}
-
 /// Kicks off (strict), waits and downloads everything.
 async fn run(server: &TestServer, path: &str, body: Option<&Value>) -> Finished {
     finish(server, export_kick_off(server, path, body, false).await).await
@@ -229,10 +205,6 @@ async fn download_kind(server: &TestServer, manifest: &Value, kind: &str) -> Lin
             .extend(file_lines);
     }
     lines
-}
-
-fn parse(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
 /// Ids per type, asserting none is repeated.
