@@ -17,163 +17,23 @@ pub struct WrittenFile {
     pub continues: bool,
 }
 
-/// Writes lines into `<dir>/<prefix>-p<part>.ndjson`, starting a new file before a line would
-/// push the current one past `max_bytes` (a single larger line gets a file of its own).
-pub struct RollingWriter {
+/// The numbered part files `<dir>/<prefix>-p<part>.ndjson` of one writer: the open one and
+/// those already closed.
+struct Parts {
     dir: PathBuf,
     prefix: String,
-    max_bytes: u64,
     current: Option<(BufWriter<File>, WrittenFile)>,
     finished: Vec<WrittenFile>,
 }
 
-impl RollingWriter {
-    pub fn new(dir: &Path, prefix: impl Into<String>, max_bytes: u64) -> Self {
+impl Parts {
+    fn new(dir: &Path, prefix: String) -> Self {
         Self {
             dir: dir.to_owned(),
-            prefix: prefix.into(),
-            max_bytes: max_bytes.max(1),
+            prefix,
             current: None,
             finished: Vec::new(),
         }
-    }
-
-    /// Writes `line` and a newline.
-    pub fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
-        let needed = line.len() as u64 + 1;
-        let full = self
-            .current
-            .as_ref()
-            .is_some_and(|(_, file)| file.count > 0 && file.bytes + needed > self.max_bytes);
-        if full {
-            self.close_current()?;
-        }
-        if self.current.is_none() {
-            let part = self.finished.len() as i64 + 1;
-            let name = format!("{}-p{part}.ndjson", self.prefix);
-            let file = File::create(self.dir.join(&name))?;
-            self.current = Some((
-                BufWriter::with_capacity(1 << 20, file),
-                WrittenFile {
-                    part,
-                    name,
-                    count: 0,
-                    bytes: 0,
-                    continues: false,
-                },
-            ));
-        }
-        if let Some((writer, file)) = self.current.as_mut() {
-            writer.write_all(line)?;
-            writer.write_all(b"\n")?;
-            file.count += 1;
-            file.bytes += needed;
-        }
-        Ok(())
-    }
-
-    fn close_current(&mut self) -> std::io::Result<()> {
-        if let Some((writer, file)) = self.current.take() {
-            writer.into_inner().map_err(|e| e.into_error())?;
-            self.finished.push(file);
-        }
-        Ok(())
-    }
-
-    /// Flushes and returns every file written (none if no line was written).
-    pub fn finish(mut self) -> std::io::Result<Vec<WrittenFile>> {
-        self.close_current()?;
-        Ok(std::mem::take(&mut self.finished))
-    }
-
-    /// Removes every file written so far.
-    pub fn discard(mut self) {
-        if let Some((_, file)) = self.current.take() {
-            self.finished.push(file);
-        }
-        for file in &self.finished {
-            let _ = std::fs::remove_file(self.dir.join(&file.name));
-        }
-    }
-}
-
-/// Writes blocks (a header line, then the block's lines) into `<dir>/<prefix>-p<part>.ndjson`.
-/// A block that no longer fits in the rest of a file moves to the next one, so files roll over
-/// between blocks and stay within `max_bytes`. Only a block larger than `max_bytes` by itself
-/// is split: its file is marked [`WrittenFile::continues`] and the next one starts with the
-/// header again. A line larger than `max_bytes` is never split; it goes over the size.
-///
-/// Nothing of a block is held in memory: moving one copies its bytes from the end of the
-/// file it started in to the next file, which is then truncated.
-pub struct BlockWriter {
-    dir: PathBuf,
-    prefix: String,
-    max_bytes: u64,
-    current: Option<(BufWriter<File>, WrittenFile)>,
-    finished: Vec<WrittenFile>,
-    /// The current block's header line.
-    header: Vec<u8>,
-    /// Where the current block starts in the current file: bytes and lines before it.
-    block_start: (u64, u64),
-}
-
-impl BlockWriter {
-    pub fn new(dir: &Path, prefix: impl Into<String>, max_bytes: u64) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            prefix: prefix.into(),
-            max_bytes: max_bytes.max(1),
-            current: None,
-            finished: Vec::new(),
-            header: Vec::new(),
-            block_start: (0, 0),
-        }
-    }
-
-    /// Starts a block with its header line.
-    pub fn start_block(&mut self, header: &[u8]) -> std::io::Result<()> {
-        self.header.clear();
-        self.header.extend_from_slice(header);
-        let needed = header.len() as u64 + 1;
-        let full = self
-            .current
-            .as_ref()
-            .is_some_and(|(_, file)| file.count > 0 && file.bytes + needed > self.max_bytes);
-        if full {
-            self.close_current(false)?;
-        }
-        let file = self.open()?;
-        self.block_start = (file.bytes, file.count);
-        self.append(header)
-    }
-
-    /// Appends a line to the current block.
-    pub fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
-        let needed = line.len() as u64 + 1;
-        if self.overflows(needed) && self.block_start.0 > 0 {
-            self.move_block()?;
-        }
-        let (_, lines_before) = self.block_start;
-        let only_header = self
-            .current
-            .as_ref()
-            .is_none_or(|(_, file)| file.count <= lines_before + 1);
-        if self.overflows(needed) && !only_header {
-            self.close_current(true)?;
-            self.open()?;
-            self.block_start = (0, 0);
-            let header = std::mem::take(&mut self.header);
-            let repeated = self.append(&header);
-            self.header = header;
-            repeated?;
-        }
-        self.append(line)
-    }
-
-    fn overflows(&self, needed: u64) -> bool {
-        self.current
-            .as_ref()
-            .is_some_and(|(_, file)| file.bytes + needed > self.max_bytes)
     }
 
     fn create(&self, part: i64) -> std::io::Result<(BufWriter<File>, WrittenFile)> {
@@ -197,6 +57,7 @@ impl BlockWriter {
         ))
     }
 
+    /// The open file, opening the next part if none is.
     fn open(&mut self) -> std::io::Result<&mut WrittenFile> {
         if self.current.is_none() {
             self.current = Some(self.create(self.finished.len() as i64 + 1)?);
@@ -207,37 +68,19 @@ impl BlockWriter {
         }
     }
 
+    fn current_file(&self) -> Option<&WrittenFile> {
+        self.current.as_ref().map(|(_, file)| file)
+    }
+
+    /// Writes `line` and a newline to the open file.
     fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
-        if self.current.is_none() {
-            self.open()?;
-        }
+        self.open()?;
         if let Some((writer, file)) = self.current.as_mut() {
             writer.write_all(line)?;
             writer.write_all(b"\n")?;
             file.count += 1;
             file.bytes += line.len() as u64 + 1;
         }
-        Ok(())
-    }
-
-    /// Moves the current block from the end of the current file to the start of the next.
-    fn move_block(&mut self) -> std::io::Result<()> {
-        let Some((writer, mut file)) = self.current.take() else {
-            return Ok(());
-        };
-        let (offset, lines) = self.block_start;
-        let mut old = writer.into_inner().map_err(|e| e.into_error())?;
-        let (mut writer, mut next) = self.create(self.finished.len() as i64 + 2)?;
-        old.seek(SeekFrom::Start(offset))?;
-        let moved = std::io::copy(&mut (&old).take(file.bytes - offset), &mut writer)?;
-        old.set_len(offset)?;
-        next.bytes = moved;
-        next.count = file.count - lines;
-        file.bytes = offset;
-        file.count = lines;
-        self.finished.push(file);
-        self.current = Some((writer, next));
-        self.block_start = (0, 0);
         Ok(())
     }
 
@@ -250,20 +93,158 @@ impl BlockWriter {
         Ok(())
     }
 
-    /// Flushes and returns every file written (none if no block was started).
-    pub fn finish(mut self) -> std::io::Result<Vec<WrittenFile>> {
+    fn finish(mut self) -> std::io::Result<Vec<WrittenFile>> {
         self.close_current(false)?;
-        Ok(std::mem::take(&mut self.finished))
+        Ok(self.finished)
     }
 
-    /// Removes every file written so far.
-    pub fn discard(mut self) {
+    fn discard(mut self) {
         if let Some((_, file)) = self.current.take() {
             self.finished.push(file);
         }
         for file in &self.finished {
             let _ = std::fs::remove_file(self.dir.join(&file.name));
         }
+    }
+}
+
+/// Writes lines into `<dir>/<prefix>-p<part>.ndjson`, starting a new file before a line would
+/// push the current one past `max_bytes` (a single larger line gets a file of its own).
+pub struct RollingWriter {
+    parts: Parts,
+    max_bytes: u64,
+}
+
+impl RollingWriter {
+    pub fn new(dir: &Path, prefix: impl Into<String>, max_bytes: u64) -> Self {
+        Self {
+            parts: Parts::new(dir, prefix.into()),
+            max_bytes: max_bytes.max(1),
+        }
+    }
+
+    /// Writes `line` and a newline.
+    pub fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let needed = line.len() as u64 + 1;
+        let full = self
+            .parts
+            .current_file()
+            .is_some_and(|file| file.count > 0 && file.bytes + needed > self.max_bytes);
+        if full {
+            self.parts.close_current(false)?;
+        }
+        self.parts.append(line)
+    }
+
+    /// Flushes and returns every file written (none if no line was written).
+    pub fn finish(self) -> std::io::Result<Vec<WrittenFile>> {
+        self.parts.finish()
+    }
+
+    /// Removes every file written so far.
+    pub fn discard(self) {
+        self.parts.discard()
+    }
+}
+
+/// Writes blocks (a header line, then the block's lines) into `<dir>/<prefix>-p<part>.ndjson`.
+/// A block that no longer fits in the rest of a file moves to the next one, so files roll over
+/// between blocks and stay within `max_bytes`. Only a block larger than `max_bytes` by itself
+/// is split: its file is marked [`WrittenFile::continues`] and the next one starts with the
+/// header again. A line larger than `max_bytes` is never split; it goes over the size.
+///
+/// Nothing of a block is held in memory: moving one copies its bytes from the end of the
+/// file it started in to the next file, which is then truncated.
+pub struct BlockWriter {
+    parts: Parts,
+    max_bytes: u64,
+    /// The current block's header line.
+    header: Vec<u8>,
+    /// Where the current block starts in the current file: bytes and lines before it.
+    block_start: (u64, u64),
+}
+
+impl BlockWriter {
+    pub fn new(dir: &Path, prefix: impl Into<String>, max_bytes: u64) -> Self {
+        Self {
+            parts: Parts::new(dir, prefix.into()),
+            max_bytes: max_bytes.max(1),
+            header: Vec::new(),
+            block_start: (0, 0),
+        }
+    }
+
+    /// Starts a block with its header line.
+    pub fn start_block(&mut self, header: &[u8]) -> std::io::Result<()> {
+        self.header.clear();
+        self.header.extend_from_slice(header);
+        let needed = header.len() as u64 + 1;
+        let full = self
+            .parts
+            .current_file()
+            .is_some_and(|file| file.count > 0 && file.bytes + needed > self.max_bytes);
+        if full {
+            self.parts.close_current(false)?;
+        }
+        let file = self.parts.open()?;
+        self.block_start = (file.bytes, file.count);
+        self.parts.append(header)
+    }
+
+    /// Appends a line to the current block.
+    pub fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let needed = line.len() as u64 + 1;
+        if self.overflows(needed) && self.block_start.0 > 0 {
+            self.move_block()?;
+        }
+        let (_, lines_before) = self.block_start;
+        let only_header = self
+            .parts
+            .current_file()
+            .is_none_or(|file| file.count <= lines_before + 1);
+        if self.overflows(needed) && !only_header {
+            self.parts.close_current(true)?;
+            self.block_start = (0, 0);
+            self.parts.append(&self.header)?;
+        }
+        self.parts.append(line)
+    }
+
+    fn overflows(&self, needed: u64) -> bool {
+        self.parts
+            .current_file()
+            .is_some_and(|file| file.bytes + needed > self.max_bytes)
+    }
+
+    /// Moves the current block from the end of the current file to the start of the next.
+    fn move_block(&mut self) -> std::io::Result<()> {
+        let Some((writer, mut file)) = self.parts.current.take() else {
+            return Ok(());
+        };
+        let (offset, lines) = self.block_start;
+        let mut old = writer.into_inner().map_err(|e| e.into_error())?;
+        let (mut writer, mut next) = self.parts.create(self.parts.finished.len() as i64 + 2)?;
+        old.seek(SeekFrom::Start(offset))?;
+        let moved = std::io::copy(&mut (&old).take(file.bytes - offset), &mut writer)?;
+        old.set_len(offset)?;
+        next.bytes = moved;
+        next.count = file.count - lines;
+        file.bytes = offset;
+        file.count = lines;
+        self.parts.finished.push(file);
+        self.parts.current = Some((writer, next));
+        self.block_start = (0, 0);
+        Ok(())
+    }
+
+    /// Flushes and returns every file written (none if no block was started).
+    pub fn finish(self) -> std::io::Result<Vec<WrittenFile>> {
+        self.parts.finish()
+    }
+
+    /// Removes every file written so far.
+    pub fn discard(self) {
+        self.parts.discard()
     }
 }
 

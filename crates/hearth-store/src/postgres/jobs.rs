@@ -185,6 +185,10 @@ impl RowForwarder {
     }
 }
 
+/// The versions of type `$1` current (and not deleted) at seq `$2`.
+const CURRENT_OF_TYPE: &str = "res_type = $1 AND seq <= $2
+    AND (superseded_by IS NULL OR superseded_by > $2) AND NOT deleted";
+
 impl PgStore {
     async fn produce(self, unit: ClaimedUnit, sender: BatchSender) {
         let mut forwarder = RowForwarder::new(sender.clone());
@@ -518,12 +522,9 @@ impl JobStore for PgStore {
     }
 
     async fn current_ids(&self, resource_type: &str, upto: Seq) -> Result<Vec<String>, StoreError> {
-        let ids = sqlx::query_scalar(
-            "SELECT res_id FROM resource_version
-             WHERE res_type = $1 AND seq <= $2 AND (superseded_by IS NULL OR superseded_by > $2)
-               AND NOT deleted
-             ORDER BY seq",
-        )
+        let ids = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT res_id FROM resource_version WHERE {CURRENT_OF_TYPE} ORDER BY seq"
+        )))
         .bind(resource_type)
         .bind(upto)
         .fetch_all(&self.pool)
@@ -532,12 +533,9 @@ impl JobStore for PgStore {
     }
 
     async fn current_keys(&self, resource_type: &str, upto: Seq) -> Result<Vec<i64>, StoreError> {
-        let keys = sqlx::query_scalar(
-            "SELECT id_key FROM resource_version
-             WHERE res_type = $1 AND seq <= $2 AND (superseded_by IS NULL OR superseded_by > $2)
-               AND NOT deleted
-             ORDER BY id_key",
-        )
+        let keys = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id_key FROM resource_version WHERE {CURRENT_OF_TYPE} ORDER BY id_key"
+        )))
         .bind(resource_type)
         .bind(upto)
         .fetch_all(&self.pool)

@@ -66,6 +66,10 @@ fn load_job(conn: &Connection, id: &str) -> Result<Option<JobRecord>, StoreError
         .optional()?)
 }
 
+/// The versions of type `?1` current (and not deleted) at seq `?2`.
+const CURRENT_OF_TYPE: &str = "res_type = ?1 AND seq <= ?2
+    AND (superseded_by IS NULL OR superseded_by > ?2) AND deleted = 0";
+
 /// Streams a unit's rows (see [`ScanSource::scan_unit`]).
 pub fn scan(
     conn: &Connection,
@@ -366,12 +370,9 @@ impl JobStore for SqliteStore {
     async fn current_ids(&self, resource_type: &str, upto: Seq) -> Result<Vec<String>, StoreError> {
         let resource_type = resource_type.to_owned();
         self.with_reader(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT res_id FROM resource_version
-                 WHERE res_type = ?1 AND seq <= ?2 AND (superseded_by IS NULL OR superseded_by > ?2)
-                   AND deleted = 0
-                 ORDER BY seq",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT res_id FROM resource_version WHERE {CURRENT_OF_TYPE} ORDER BY seq"
+            ))?;
             let ids = stmt
                 .query_map(params![resource_type, upto], |row| row.get(0))?
                 .collect::<Result<_, _>>()?;
@@ -383,11 +384,9 @@ impl JobStore for SqliteStore {
     async fn current_keys(&self, resource_type: &str, upto: Seq) -> Result<Vec<i64>, StoreError> {
         let resource_type = resource_type.to_owned();
         self.with_reader(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id_key FROM resource_version
-                 WHERE res_type = ?1 AND seq <= ?2 AND (superseded_by IS NULL OR superseded_by > ?2)
-                   AND deleted = 0",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT id_key FROM resource_version WHERE {CURRENT_OF_TYPE}"
+            ))?;
             let mut keys: Vec<i64> = stmt
                 .query_map(params![resource_type, upto], |row| row.get(0))?
                 .collect::<Result<_, _>>()?;
