@@ -6,6 +6,7 @@ the same run. Results are medians of --runs runs; paste the printed table into B
     python3 bench/run.py export --data /tmp/bench [--runs 3]    # kick-off → manifest, downloads, RSS, poll latency
     python3 bench/run.py read   --data /tmp/bench               # GET [base]/Observation/<id> under wrk
     python3 bench/run.py client --data /tmp/bench [--parallel 4] # hearth export downloading a whole export: MB/s, peak RSS
+    python3 bench/run.py poll   --data /tmp/bench --variant '' --variant '--export-priority low'  # status p99 A/B
     python3 bench/run.py levels --data /tmp/bench [--runs 3]    # Patient/Group export and _typeFilter vs system
     python3 bench/run.py groups --data /tmp/s300k /tmp/s2m      # Group export time by group size and store size
     python3 bench/run.py pg --database URL --data /tmp/pgb [--s3]  # PostgreSQL: export vs a bare COPY, one vs two instances
@@ -44,12 +45,12 @@ def peak_rss_kb(pid):
 
 
 class Server:
-    def __init__(self, data, extra=(), hearth=HEARTH):
+    def __init__(self, data, extra=(), hearth=HEARTH, env=None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/fhir"
         self.log = open(os.path.join(data, "bench-server.log"), "w")
         self.proc = subprocess.Popen([hearth, "serve", "--data", data, "--addr", f"127.0.0.1:{self.port}", *extra],
-                                     stdout=self.log, stderr=self.log, env={**os.environ, "RUST_LOG": "warn"})
+                                     stdout=self.log, stderr=self.log, env={**os.environ, "RUST_LOG": "warn", **(env or {})})
         for _ in range(400):
             try:
                 if request(self.base + "/metadata")[0] == 200:
@@ -202,6 +203,33 @@ def poll_latency(server):
     for l in lines:
         print("   " + l.strip())
     request(location, method="DELETE")
+    p99 = next(l.split()[-1] for l in lines if "99%" in l)
+    for unit, ms in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if p99.endswith(unit):
+            return float(p99[: -len(unit)]) * ms
+    raise ValueError(f"wrk latency {p99!r}")
+
+
+def cmd_poll(args):
+    """Status poll p99 under wrk while exports run, for server variants (extra `serve`
+    arguments) taken in turn, round after round, so that machine noise hits each alike."""
+    results = {variant: [] for variant in args.variant}
+    for round_no in range(args.rounds):
+        for variant in args.variant:
+            # NAME=value words set the server's environment (TOKIO_WORKER_THREADS=1, say).
+            words = variant.split()
+            env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+            server = Server(args.data, extra=[w for w in words if w.split("=", 1)[0] not in env], env=env)
+            try:
+                _, _, location = export_once(server)  # warms the page cache
+                request(location, method="DELETE")
+                print(f"round {round_no + 1}, serve {variant or '(defaults)'}:")
+                results[variant].append(poll_latency(server))
+            finally:
+                server.stop()
+    for variant, p99s in results.items():
+        print(f"serve {variant or '(defaults)'}: p99 {', '.join(f'{p:.2f}' for p in p99s)} ms; "
+              f"median {statistics.median(p99s):.2f} ms")
 
 
 def cmd_read(args):
@@ -543,11 +571,14 @@ def main():
     groups = sub.add_parser("groups"); groups.add_argument("--data", required=True, nargs="+")
     groups.add_argument("--groups", nargs="+", default=["group-10", "group-100", "group-1000"])
     groups.add_argument("--runs", type=int, default=3); groups.add_argument("--workers", type=int, default=os.cpu_count())
+    poll = sub.add_parser("poll"); poll.add_argument("--data", required=True)
+    poll.add_argument("--rounds", type=int, default=3)
+    poll.add_argument("--variant", action="append", help="extra serve arguments and NAME=value environment, e.g. '--export-priority low' (repeat; '' for the defaults)")
     pgload = sub.add_parser("pgload"); pgload.add_argument("paths", nargs="+")
     pgload.add_argument("--server", default="postgres://postgres@127.0.0.1:5432", help="server URL without database")
     pgload.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client, "pg": cmd_pg, "pgload": cmd_pgload, "grow": cmd_grow, "groups": cmd_groups}[args.cmd](args)
+    {"load": cmd_load, "export": cmd_export, "read": cmd_read, "levels": cmd_levels, "client": cmd_client, "pg": cmd_pg, "pgload": cmd_pgload, "grow": cmd_grow, "groups": cmd_groups, "poll": cmd_poll}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ pub mod unit;
 
 pub use engine::{
     DEFAULT_LEASE, DownloadableFile, EngineConfig, ExportEngine, FileSource, JobView, KickOffError,
+    WorkerPriority,
 };
 pub use output::{Output, OutputError, OutputSettings};
 pub use request::{ElementSpec, ExportRequest, IgnoredParameter, Level, ParameterError};

@@ -21,6 +21,8 @@ pub struct ExportSettings {
     pub rows_per_unit: u64,
     /// How long a claimed export unit stays claimed without a renewal.
     pub lease: Duration,
+    /// How export workers share the CPU with request handling.
+    pub worker_priority: hearth_export::WorkerPriority,
     /// Where finished export files are kept (default: the data directory).
     pub output: hearth_export::Output,
 }
@@ -34,6 +36,7 @@ impl Default for ExportSettings {
             max_active_exports: 16,
             rows_per_unit: 100_000,
             lease: hearth_export::DEFAULT_LEASE,
+            worker_priority: hearth_export::WorkerPriority::default(),
             output: hearth_export::Output::Local,
         }
     }
@@ -80,6 +83,7 @@ impl Embedded {
                 requires_access_token: auth.is_on(),
                 rows_per_unit: export.rows_per_unit,
                 lease: export.lease,
+                worker_priority: export.worker_priority,
             },
         )
         .await?;

@@ -88,6 +88,11 @@ struct ServeArgs {
         hide = true
     )]
     export_lease_secs: u64,
+    /// How export workers share the CPU with request handling: `idle` runs them only on CPU
+    /// time requests leave free (lowest request latency, but no export progress while requests
+    /// saturate the CPU); `low` keeps them a small share at nice 10.
+    #[arg(long, env = "HEARTH_EXPORT_PRIORITY", value_enum, default_value_t = ExportPriority::Idle)]
+    export_priority: ExportPriority,
     /// Accept export kick-offs that have no Accept header.
     #[arg(long, env = "HEARTH_LENIENT_HEADERS")]
     lenient_headers: bool,
@@ -115,6 +120,21 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("'{text}': use s, m, h or d")),
     };
     Ok(Duration::from_secs(seconds))
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum ExportPriority {
+    Idle,
+    Low,
+}
+
+impl From<ExportPriority> for hearth_export::WorkerPriority {
+    fn from(priority: ExportPriority) -> Self {
+        match priority {
+            ExportPriority::Idle => Self::Idle,
+            ExportPriority::Low => Self::Low,
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -276,6 +296,7 @@ async fn serve_store(args: ServeArgs, store: Arc<dyn Backend>) -> anyhow::Result
         max_active_exports: args.max_active_exports,
         rows_per_unit: args.export_unit_rows.max(1),
         lease: Duration::from_secs(args.export_lease_secs.max(1)),
+        worker_priority: args.export_priority.into(),
         output,
     };
     let workers = export.workers;
