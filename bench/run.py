@@ -177,12 +177,15 @@ def cmd_export(args):
         server.stop()
 
 
-def poll_latency(server):
-    """wrk on $export-poll-status while exports run back to back in the same period."""
+def poll_latency(server, exporting=True):
+    """wrk on $export-poll-status while exports run back to back in the same period (or, as
+    the machine's floor, while nothing else runs). Returns p99 in ms."""
     status, headers, _ = request(server.base + "/$export",
                                  headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
     location = headers["content-location"]
     request(location)  # the first poll
+    while not exporting and request(location)[0] == 202:
+        time.sleep(0.05)
     stop = threading.Event()
     exports = [0]
 
@@ -193,11 +196,13 @@ def poll_latency(server):
             exports[0] += 1
 
     background = threading.Thread(target=keep_exporting)
-    background.start()
-    time.sleep(0.2)
+    if exporting:
+        background.start()
+        time.sleep(0.2)
     out = subprocess.run(["wrk", "-t1", "-c32", "-d10s", "--latency", location], capture_output=True, text=True)
     stop.set()
-    background.join()
+    if exporting:
+        background.join()
     lines = [l for l in out.stdout.splitlines() if any(k in l for k in ("50%", "90%", "99%", "Requests/sec", "Non-2xx"))]
     print(f"poll latency under wrk (1 thread, 32 connections, 10 s) while {exports[0]} exports ran back to back:")
     for l in lines:
@@ -214,7 +219,14 @@ def cmd_poll(args):
     """Status poll p99 under wrk while exports run, for server variants (extra `serve`
     arguments) taken in turn, round after round, so that machine noise hits each alike."""
     results = {variant: [] for variant in args.variant}
+    floor = []
     for round_no in range(args.rounds):
+        server = Server(args.data)
+        try:
+            print(f"round {round_no + 1}, the floor: serve (defaults), no export running:")
+            floor.append(poll_latency(server, exporting=False))
+        finally:
+            server.stop()
         for variant in args.variant:
             # NAME=value words set the server's environment (TOKIO_WORKER_THREADS=1, say).
             words = variant.split()
@@ -227,6 +239,7 @@ def cmd_poll(args):
                 results[variant].append(poll_latency(server))
             finally:
                 server.stop()
+    print(f"floor, no export: p99 {', '.join(f'{p:.2f}' for p in floor)} ms; median {statistics.median(floor):.2f} ms")
     for variant, p99s in results.items():
         print(f"serve {variant or '(defaults)'}: p99 {', '.join(f'{p:.2f}' for p in p99s)} ms; "
               f"median {statistics.median(p99s):.2f} ms")
