@@ -563,6 +563,16 @@ impl ExportEngine {
 
     /// DELETE on the status URL.
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
+        // An expired job is gone for the client (polls answer 404) even before the sweeper
+        // removes it; a DELETE must not bring it back as a cancellation.
+        if let Some(job) = self.inner.backend.job(id).await?
+            && job.expires_at.is_some_and(|e| e < now_micros())
+        {
+            self.inner.forget_job(id);
+            self.inner.remove_job_files(id).await;
+            self.inner.backend.delete_job(id).await?;
+            return Ok(CancelOutcome::NotFound);
+        }
         let outcome = self.inner.backend.cancel_job(id).await?;
         self.inner.forget_job(id);
         if outcome != CancelOutcome::NotFound {
@@ -1314,6 +1324,83 @@ mod tests {
         assert_eq!(group_thousands(189_111), "189,111");
         assert_eq!(group_thousands(12), "12");
         assert_eq!(group_thousands(1_000), "1,000");
+    }
+
+    fn running_job(estimated: u64, done: u64, started_at: Option<Micros>) -> JobRecord {
+        JobRecord {
+            id: "job".into(),
+            client: "client".into(),
+            status: JobStatus::Running,
+            request: String::new(),
+            request_url: String::new(),
+            snapshot: hearth_store::jobs::Snapshot {
+                seq: 0,
+                transaction_time: 0,
+            },
+            created_at: 0,
+            started_at,
+            completed_at: None,
+            expires_at: None,
+            polls: 1,
+            manifest_shown: false,
+            estimated_resources: estimated,
+            done_resources: done,
+            units_total: 1,
+            units_done: 0,
+            manifest: None,
+            error: None,
+        }
+    }
+
+    fn retry_after(job: &JobRecord, now: Micros) -> u64 {
+        match in_progress(job, now) {
+            JobView::InProgress { retry_after, .. } => retry_after,
+            other => panic!("not in progress: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_after_is_the_expected_remaining_time_within_one_and_120_seconds() {
+        let second = 1_000_000;
+        // 10,000 of 1,000,000 in 10 s: 990 s to go, told as the 120 s ceiling.
+        assert_eq!(
+            retry_after(&running_job(1_000_000, 10_000, Some(0)), 10 * second),
+            120
+        );
+        // 400,000 of 1,000,000 in 10 s: 15 s to go.
+        assert_eq!(
+            retry_after(&running_job(1_000_000, 400_000, Some(0)), 10 * second),
+            15
+        );
+        // Almost done: at least 1 s.
+        assert_eq!(
+            retry_after(&running_job(1_000_000, 999_999, Some(0)), 10 * second),
+            1
+        );
+        // Not started, or nothing done yet: no rate to go by.
+        assert_eq!(
+            retry_after(&running_job(1_000_000, 0, None), 10 * second),
+            1
+        );
+        assert_eq!(
+            retry_after(&running_job(1_000_000, 0, Some(0)), 10 * second),
+            1
+        );
+    }
+
+    #[test]
+    fn progress_names_real_counts_and_a_queued_job() {
+        let mut job = running_job(189_111, 77_512, Some(0));
+        assert_eq!(progress(&job), "40% (77,512 of 189,111 resources)");
+        job.status = JobStatus::Queued;
+        job.done_resources = 0;
+        assert_eq!(progress(&job), "0% (0 of 189,111 resources), queued");
+        // An estimate that fell short never shows more than 99 % before the job completes.
+        job.status = JobStatus::Running;
+        job.done_resources = 200_000;
+        assert_eq!(progress(&job), "99% (200,000 of 200,000 resources)");
+        job.status = JobStatus::Completed;
+        assert_eq!(progress(&job), "100% (200,000 of 200,000 resources)");
     }
 
     #[cfg(target_os = "linux")]

@@ -1226,6 +1226,109 @@ async fn delete_cancels_a_running_job_and_then_it_is_gone() {
 }
 
 #[tokio::test]
+async fn a_cancelled_running_job_stops_at_once_and_leaves_no_files() {
+    let server = spawn_slow_export_server(16).await;
+    let export = kick_off(&server, "").await;
+    assert_in_progress(&server.get(&export.status_url).await);
+    let dir = server.dir.path().join("exports").join(&export.job_id);
+    let started = Instant::now();
+    while !dir.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no unit started writing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    expect_cancelled(&server, &export).await;
+    // Within one second the worker has given the job up, and nothing it was writing remains.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let units_done = server
+        .store
+        .job(&export.job_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .units_done;
+    assert!(
+        !dir.exists(),
+        "files of a cancelled job remain in {}",
+        dir.display()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!dir.exists(), "a worker wrote files after the cancel");
+    let job = server.store.job(&export.job_id).await.unwrap().unwrap();
+    assert_eq!(
+        job.units_done, units_done,
+        "units still commit after the cancel"
+    );
+    assert!(
+        job.units_done < job.units_total,
+        "the export finished too fast for this test"
+    );
+}
+
+#[tokio::test]
+async fn a_job_waiting_for_a_worker_says_queued() {
+    // One worker, busy with a long export of one-resource units: the next job waits its turn.
+    let server = spawn_slow_export_server(16).await;
+    let busy = kick_off(&server, "").await;
+    let waiting = kick_off(&server, "?_type=Patient").await;
+    for _ in 0..2 {
+        let response = server.get(&waiting.status_url).await;
+        assert_in_progress(&response);
+        let progress = header(&response, "x-progress");
+        assert_eq!(progress, "0% (0 of 10 resources), queued");
+    }
+    let job = server.store.job(&busy.job_id).await.unwrap().unwrap();
+    assert!(
+        job.status.is_unfinished(),
+        "the first export finished too fast for this test"
+    );
+    expect_cancelled(&server, &busy).await;
+    poll_to_completion(&server, &waiting).await;
+}
+
+#[tokio::test]
+async fn a_failed_job_answers_500_with_an_operation_outcome() {
+    let server = spawn_slow_export_server(16).await;
+    let export = kick_off(&server, "").await;
+    // The job's directory turns into a file: the next unit cannot create its output there.
+    let dir = server.dir.path().join("exports").join(&export.job_id);
+    let started = Instant::now();
+    loop {
+        let _ = std::fs::remove_dir_all(&dir);
+        if std::fs::write(&dir, b"in the way").is_ok() && dir.is_file() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "cannot put a file in the way"
+        );
+    }
+    let started = Instant::now();
+    let response = loop {
+        let response = server.get(&export.status_url).await;
+        if response.status() != StatusCode::ACCEPTED {
+            break response;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the job never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let outcome = assert_outcome(response, StatusCode::INTERNAL_SERVER_ERROR).await;
+    assert_eq!(outcome["issue"][0]["severity"], "error", "{outcome}");
+    assert!(outcome_text(&outcome).contains("failed"), "{outcome}");
+    // A failed job stays failed for later polls.
+    assert_outcome(
+        server.get(&export.status_url).await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn delete_cancels_a_done_job_whose_manifest_was_never_shown() {
     let server = spawn_server_with_synthea().await;
     let export = kick_off(&server, "?_type=Patient,Condition").await;
@@ -1295,6 +1398,62 @@ async fn after_expires_the_job_and_its_files_are_gone() {
     assert_file_gone(&server, &url).await;
 }
 
+#[tokio::test]
+async fn an_expired_job_whose_manifest_was_never_shown_answers_404_to_delete() {
+    let server = spawn_server_with_options(ServerOptions {
+        export: ExportSettings {
+            workers: 1,
+            ttl: Duration::from_secs(1),
+            ..ExportSettings::default()
+        },
+        ..ServerOptions::default()
+    })
+    .await;
+    server.create(&patient("Expiring")).await;
+    let export = kick_off(&server, "?_type=Patient").await;
+    assert_in_progress(&server.get(&export.status_url).await);
+    wait_until_done(&server, &export.job_id).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Nobody saw its manifest, but it expired: it is gone, not cancellable.
+    assert_outcome(
+        server.delete(&export.status_url).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert_gone(&server, &export).await;
+    assert!(server.store.job(&export.job_id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_sweeper_removes_expired_jobs_and_their_files() {
+    let server = spawn_server_with_options(ServerOptions {
+        export: ExportSettings {
+            workers: 1,
+            ttl: Duration::from_secs(2),
+            ..ExportSettings::default()
+        },
+        ..ServerOptions::default()
+    })
+    .await;
+    server.create(&patient("Swept")).await;
+    let expiring = kick_off(&server, "?_type=Patient").await;
+    poll_to_completion(&server, &expiring).await;
+    let expiring_dir = server.dir.path().join("exports").join(&expiring.job_id);
+    assert!(expiring_dir.is_dir());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A job finished just now is not touched.
+    let fresh = kick_off(&server, "?_type=Patient").await;
+    let manifest = poll_to_completion(&server, &fresh).await;
+    let fresh_dir = server.dir.path().join("exports").join(&fresh.job_id);
+    server.sweep_exports().await;
+    assert!(!expiring_dir.exists(), "expired files remain");
+    assert!(server.store.job(&expiring.job_id).await.unwrap().is_none());
+    assert!(fresh_dir.is_dir());
+    download(&server, &items(&manifest, "output")[0].url).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// files
 // ---------------------------------------------------------------------------------------------
 // files
 
