@@ -698,6 +698,31 @@ async fn kick_off_with_a_non_fhir_accept_is_400() {
 }
 
 #[tokio::test]
+async fn kick_off_accepts_every_accept_that_fhir_json_answers() {
+    // The eHealth examples send the old `application/json+fhir` with q-values; generic HTTP
+    // clients send `*/*` or `application/json`: an OperationOutcome in FHIR JSON serves all.
+    let (server, _) = spawn_server_with_patients(&["Json"]).await;
+    for accept in [
+        "application/fhir+json;q=1.0, application/json+fhir;q=0.9",
+        "application/json+fhir",
+        "application/json",
+        "*/*",
+        "text/html, application/fhir+json",
+    ] {
+        let response = kick_off_request_with(&server, Method::GET, "", "respond-async", accept)
+            .send()
+            .await
+            .expect("answered");
+        let export = expect_accepted(&server, response).await;
+        assert_eq!(
+            server.delete(&export.status_url).await.status(),
+            StatusCode::ACCEPTED,
+            "{accept}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn every_ndjson_output_format_alias_is_accepted_and_others_refused_by_name() {
     let (server, _) = spawn_server_with_patients(&["Format"]).await;
     for format in OUTPUT_FORMATS {
@@ -1071,6 +1096,24 @@ async fn a_completed_status_is_the_manifest() {
     let export = kick_off(&server, &query).await;
     let manifest = poll_to_completion(&server, &export).await;
     let after = now_micros();
+
+    // Expires names the moment the job and its files expire (HTTP dates count whole seconds).
+    let response = server.get(&export.status_url).await;
+    let expires = httpdate::parse_http_date(&header(&response, "expires")).unwrap();
+    let job = server.store.job(&export.job_id).await.unwrap().unwrap();
+    let expires_at = SystemTime::UNIX_EPOCH
+        + Duration::from_micros(job.expires_at.expect("a completed job expires") as u64);
+    let apart = expires_at
+        .duration_since(expires)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        apart < Duration::from_secs(1),
+        "Expires {expires:?} vs the job's {expires_at:?}"
+    );
+    let ttl = expires_at
+        .duration_since(SystemTime::UNIX_EPOCH + Duration::from_micros(after as u64))
+        .expect("expiry after completion");
+    assert!(ttl > Duration::from_secs(23 * 3600) && ttl <= Duration::from_secs(24 * 3600));
 
     let transaction_time = parse_instant(manifest["transactionTime"].as_str().unwrap()).unwrap();
     assert!(
