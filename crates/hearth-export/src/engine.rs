@@ -1257,8 +1257,6 @@ impl Inner {
     }
 }
 
-/// Export work is background work: a busy export must not slow status requests and REST
-/// reads, which run on the async workers at normal priority.
 /// What a unit's heartbeat task found; the task ends when the unit's work does.
 struct Heartbeat {
     cancelled: Arc<AtomicBool>,
