@@ -28,6 +28,7 @@
 //! - [`retry`]: `Retry-After` and backoff.
 //! - [`state`]: the incremental-export state file.
 //! - `sink`: the writer side of a download (decode, count, write, commit).
+//! - `testing` (feature `testing`): fake Bulk Data servers for tests.
 
 pub mod auth;
 pub mod client;
@@ -40,6 +41,8 @@ pub mod request;
 pub mod retry;
 mod sink;
 pub mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use auth::{BackendServices, Credentials, SigningKey};
 pub use client::{BulkClient, Cancelled, ClientOptions, Completed};

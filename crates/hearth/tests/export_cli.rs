@@ -1,6 +1,8 @@
 //! `hearth export` as a user runs it, against a real Hearth on a loopback port: a full export
-//! with a JSON summary, a refused kick-off, and Ctrl-C, which cancels the job on the server
-//! (or, with `--detach`, leaves it to `--resume`).
+//! with a JSON summary, `--quiet`, plain progress lines without a terminal, incremental runs,
+//! a refused kick-off, and Ctrl-C, which cancels the job on the server (or, with `--detach`,
+//! leaves it to `--resume`). Against fake Bulk Data servers, for what Hearth does not do on
+//! demand: a failed job, a short or missing file, and a bearer token checked on every request.
 
 mod common;
 
@@ -12,6 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::hearth_command;
+use hearth_client::testing::{FakeExport, FakeFile, leftover_parts, lines, patients};
 use hearth_load::{BatchLimits, LoadObserver, Rejection, Target};
 use hearth_server::{Embedded, ExportSettings, ServerConfig};
 use hearth_store::SqliteStore;
@@ -121,7 +124,9 @@ impl Export {
         let stderr = child.stderr.take().expect("stderr");
         let (sender, receiver) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Split on `\n` only, so a `\r` (a progress bar redrawing a line) stays visible.
+            for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).into_owned();
                 if sender.send(line).is_err() {
                     break;
                 }
@@ -310,5 +315,306 @@ async fn ctrl_c_with_detach_leaves_the_job_to_resume() {
     let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["statusUrl"], status_url.as_str());
     assert_eq!(summary["resources"], 2523);
+    server.stop().await;
+}
+
+/// The one-line reason of a failed run: the only `error:` line, and the last line on stderr.
+fn failure_reason(stderr: &[String]) -> &str {
+    let errors: Vec<&String> = stderr.iter().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "one reason: {stderr:?}");
+    assert_eq!(
+        stderr.last(),
+        Some(errors[0]),
+        "the reason ends the run: {stderr:?}"
+    );
+    errors[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_answering_404_exits_non_zero_naming_its_url_and_saves_no_partial_file() {
+    const PATIENTS: usize = 100_000;
+    let fake = FakeExport {
+        // Large enough to be still downloading, in parallel, when the other file's 404 ends
+        // the run.
+        files: vec![
+            FakeFile::output("Patient", patients(PATIENTS)),
+            FakeFile::missing("Observation"),
+        ],
+        ..FakeExport::default()
+    }
+    .start()
+    .await;
+    let out = TempDir::new().unwrap();
+
+    let (code, stdout, stderr) =
+        Export::start(&[&fake.base, "--out", out.path().to_str().unwrap(), "--quiet"])
+            .finish()
+            .await;
+
+    assert_eq!(code, Some(1), "{stderr:?}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.len(), 1, "{stderr:?}");
+    let reason = failure_reason(&stderr);
+    assert!(reason.contains(&fake.file_url(1)), "{reason}");
+    assert!(reason.contains("404"), "{reason}");
+    assert!(!out.path().join("Observation.1.ndjson").exists());
+    // The other file may have been saved before the run stopped, but only whole.
+    let patient = out.path().join("Patient.1.ndjson");
+    if patient.exists() {
+        assert_eq!(lines(&patient).len(), PATIENTS);
+    }
+    assert!(leftover_parts(out.path()).is_empty());
+    assert!(!out.path().join("manifest.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_exits_non_zero_with_the_servers_outcome_on_one_line() {
+    let diagnostics = "the export ran out of disk on volume 7";
+    let fake = FakeExport {
+        failure: Some((500, diagnostics.into())),
+        ..FakeExport::default()
+    }
+    .start()
+    .await;
+    let out = TempDir::new().unwrap();
+
+    let (code, stdout, stderr) =
+        Export::start(&[&fake.base, "--out", out.path().to_str().unwrap()])
+            .finish()
+            .await;
+
+    assert_eq!(code, Some(1), "{stderr:?}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let reason = failure_reason(&stderr);
+    assert!(reason.contains(diagnostics), "{reason}");
+    assert!(reason.contains("500"), "{reason}");
+    assert!(!out.path().join("manifest.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_file_exits_non_zero_naming_it_and_both_counts() {
+    let fake = FakeExport {
+        files: vec![FakeFile::output("Patient", patients(3)).announcing(5)],
+        ..FakeExport::default()
+    }
+    .start()
+    .await;
+    let out = TempDir::new().unwrap();
+
+    let (code, stdout, stderr) =
+        Export::start(&[&fake.base, "--out", out.path().to_str().unwrap(), "--quiet"])
+            .finish()
+            .await;
+
+    assert_eq!(code, Some(1), "{stderr:?}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.len(), 1, "{stderr:?}");
+    let reason = failure_reason(&stderr);
+    assert!(reason.contains("Patient.1.ndjson"), "{reason}");
+    let words: Vec<&str> = reason.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    assert!(
+        words.contains(&"5") && words.contains(&"3"),
+        "both counts: {reason}"
+    );
+    assert!(!out.path().join("Patient.1.ndjson").exists());
+    assert!(leftover_parts(out.path()).is_empty());
+    assert!(!out.path().join("manifest.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_goes_with_the_kick_off_the_polls_and_the_downloads() {
+    let token = "t0ken-from-elsewhere";
+    let fake = FakeExport {
+        files: vec![
+            FakeFile::output("Patient", patients(3)),
+            FakeFile::output("Patient", patients(2)),
+        ],
+        token: Some(token.into()),
+        ..FakeExport::default()
+    }
+    .start()
+    .await;
+    let out = TempDir::new().unwrap();
+
+    let (code, _, stderr) = Export::start(&[
+        &fake.base,
+        "--out",
+        out.path().to_str().unwrap(),
+        "--bearer",
+        token,
+    ])
+    .finish()
+    .await;
+
+    assert_eq!(code, Some(0), "{stderr:?}");
+    let seen = fake.seen();
+    let gets = |path: &str| {
+        seen.iter()
+            .filter(|s| s.method == "GET" && s.target.split('?').next() == Some(path))
+            .count()
+    };
+    assert_eq!(gets("/fhir/$export"), 1, "one kick-off: {seen:?}");
+    assert!(gets("/fhir/$export-poll-status") >= 2, "polls: {seen:?}");
+    assert_eq!(gets("/fhir/files/0") + gets("/fhir/files/1"), 2, "{seen:?}");
+    let expected = format!("Bearer {token}");
+    for request in &seen {
+        assert_eq!(
+            request.authorization.as_deref(),
+            Some(expected.as_str()),
+            "{request:?}"
+        );
+    }
+    assert_eq!(lines(&out.path().join("Patient.1.ndjson")).len(), 3);
+    assert_eq!(lines(&out.path().join("Patient.2.ndjson")).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_prints_nothing_on_success_and_saves_the_files() {
+    let server = start_server().await;
+    let out = TempDir::new().unwrap();
+
+    let (code, stdout, stderr) = Export::start(&[
+        &server.base,
+        "--out",
+        out.path().to_str().unwrap(),
+        "--quiet",
+    ])
+    .finish()
+    .await;
+
+    assert_eq!(code, Some(0), "{stderr:?}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.is_empty(), "{stderr:?}");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
+    let output = manifest["output"].as_array().unwrap();
+    assert!(!output.is_empty());
+    let announced: u64 = output.iter().map(|f| f["count"].as_u64().unwrap()).sum();
+    let saved: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
+        .collect();
+    assert_eq!(saved.len(), output.len(), "{saved:?}");
+    let resources: usize = saved.iter().map(|p| lines(p).len()).sum();
+    assert_eq!(resources as u64, announced);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_terminal_progress_is_plain_lines_without_control_sequences() {
+    let server = start_server().await;
+    let out = TempDir::new().unwrap();
+
+    let (code, _, stderr) = Export::start(&[&server.base, "--out", out.path().to_str().unwrap()])
+        .finish()
+        .await;
+
+    assert_eq!(code, Some(0), "{stderr:?}");
+    assert!(
+        stderr.iter().any(|l| l.contains("saved ")),
+        "progress is reported: {stderr:?}"
+    );
+    for line in &stderr {
+        assert!(
+            !line.contains('\r') && !line.contains('\x1b'),
+            "a terminal control sequence in a log: {line:?}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_runs_ask_since_the_last_run_and_save_changes_and_deletions() {
+    let server = start_server().await;
+    let out = TempDir::new().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let run = || async {
+        let (code, stdout, stderr) =
+            Export::start(&[&server.base, "--out", dir, "--incremental", "--json"])
+                .finish()
+                .await;
+        assert_eq!(code, Some(0), "{stderr:?}");
+        serde_json::from_str::<Value>(stdout.trim()).expect("one JSON summary")
+    };
+
+    let first = run().await;
+    let first_time = first["transactionTime"].as_str().unwrap().to_owned();
+    let first_dir = Path::new(first["directory"].as_str().unwrap()).to_owned();
+    let id_in = |file: &str| {
+        let line = lines(&first_dir.join(file)).swap_remove(0);
+        serde_json::from_str::<Value>(&line).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (patient, encounter) = (id_in("Patient.1.ndjson"), id_in("Encounter.1.ndjson"));
+
+    let http = common::http_client();
+    let changed = http
+        .put(format!("{}/Patient/{patient}", server.base))
+        .header("content-type", "application/fhir+json")
+        .body(
+            serde_json::json!({"resourceType": "Patient", "id": patient, "active": false})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(changed.status().is_success(), "PUT: {}", changed.status());
+    let deleted = http
+        .delete(format!("{}/Encounter/{encounter}", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        deleted.status().is_success(),
+        "DELETE: {}",
+        deleted.status()
+    );
+
+    let second = run().await;
+
+    // What the server says it was asked, not only what the client says it sent.
+    let second_dir = Path::new(second["directory"].as_str().unwrap()).to_owned();
+    assert_ne!(second_dir, first_dir);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(second_dir.join("manifest.json")).unwrap()).unwrap();
+    let request = reqwest::Url::parse(manifest["request"].as_str().unwrap()).unwrap();
+    let since: Vec<String> = request
+        .query_pairs()
+        .filter(|(name, _)| name == "_since")
+        .map(|(_, value)| value.into_owned())
+        .collect();
+    assert_eq!(since, vec![first_time.clone()], "{request}");
+    assert_eq!(second["since"], first_time.as_str());
+
+    assert_eq!(second["resources"], 1, "{second}");
+    let saved = lines(&second_dir.join("Patient.1.ndjson"));
+    assert_eq!(saved.len(), 1);
+    let saved: Value = serde_json::from_str(&saved[0]).unwrap();
+    assert_eq!(
+        (&saved["id"], &saved["active"]),
+        (&Value::from(patient), &Value::from(false))
+    );
+    let bundles = lines(&second_dir.join("deleted/Bundle.1.ndjson"));
+    let deletions: Vec<(String, String)> = bundles
+        .iter()
+        .flat_map(|line| {
+            let bundle: Value = serde_json::from_str(line).unwrap();
+            bundle["entry"].as_array().cloned().unwrap_or_default()
+        })
+        .map(|entry| {
+            let request = &entry["request"];
+            (
+                request["method"].as_str().unwrap_or_default().to_owned(),
+                request["url"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        deletions,
+        vec![("DELETE".to_owned(), format!("Encounter/{encounter}"))]
+    );
     server.stop().await;
 }

@@ -1,16 +1,18 @@
 //! Against small fake servers, for what Hearth does not do on demand and for exact wire forms:
 //! `429` and `5xx` answers, the Parameters body of a Group kick-off with `patient`,
-//! `_typeFilter` and `_elements`, a server that takes only POST, a failed job, a short file.
+//! `_typeFilter` and `_elements`, a server that takes only POST, a failed job, a short file,
+//! a file the manifest lists but the server does not have.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use hearth_client::export;
+use hearth_client::testing::{FakeExport, FakeFile, ndjson, outcome, patients, with_header};
 use hearth_client::{BulkClient, Error, ExportJob, ExportRequest, Level, Silent};
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -55,33 +57,6 @@ impl Log {
     }
 }
 
-fn outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response {
-    let body = json!({"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": code, "diagnostics": diagnostics}]});
-    (
-        status,
-        [("content-type", "application/fhir+json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-fn with_header(mut response: Response, name: &'static str, value: &str) -> Response {
-    response
-        .headers_mut()
-        .insert(name, HeaderValue::from_str(value).unwrap());
-    response
-}
-
-fn ndjson(text: &'static str) -> Response {
-    (
-        StatusCode::OK,
-        [("content-type", "application/fhir+ndjson")],
-        text,
-    )
-        .into_response()
-}
-
 fn job(out: &std::path::Path, request: ExportRequest) -> ExportJob {
     ExportJob {
         request,
@@ -91,8 +66,6 @@ fn job(out: &std::path::Path, request: ExportRequest) -> ExportJob {
         release: false,
     }
 }
-
-const PATIENTS: &str = "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n{\"resourceType\":\"Patient\",\"id\":\"b\"}\n{\"resourceType\":\"Patient\",\"id\":\"c\"}\n";
 
 /// Every step answers `429` (or `503`) first: kick-off, status, file.
 #[tokio::test]
@@ -177,7 +150,7 @@ async fn a_server_that_answers_429_then_200_is_waited_for() {
                             "retry-after",
                             "1",
                         ),
-                        "/fhir/files/patients" => ndjson(PATIENTS),
+                        "/fhir/files/patients" => ndjson(patients(3)),
                         "/fhir/files/deleted" => ndjson(
                             "{\"resourceType\":\"Bundle\",\"type\":\"transaction\",\"entry\":[{\"request\":{\"method\":\"DELETE\",\"url\":\"Patient/z\"}}]}\n",
                         ),
@@ -421,7 +394,7 @@ async fn a_failed_job_and_a_short_file_are_errors_with_reasons() {
                     (StatusCode::OK, manifest.to_string()).into_response()
                 }),
             )
-            .route("/fhir/files/p", get(|| async { ndjson(PATIENTS) }))
+            .route("/fhir/files/p", get(|| async { ndjson(patients(3)) }))
     };
     let base_origin = serve_fake(router).await;
     *origin.lock().unwrap() = base_origin.clone();
@@ -451,6 +424,48 @@ async fn a_failed_job_and_a_short_file_are_errors_with_reasons() {
         other => panic!("{other:?}"),
     }
     assert!(!out.path().join("Patient.1.ndjson").exists());
+    assert!(leftover_parts(out.path()).is_empty());
+    assert!(!out.path().join("manifest.json").exists());
+}
+
+/// A manifest file whose URL answers `404`: the run fails naming that URL, and nothing is
+/// saved under the missing file's name, half-written, or as a manifest that would claim the
+/// export is complete.
+#[tokio::test]
+async fn a_listed_file_that_answers_404_fails_the_export_naming_its_url() {
+    let fake = FakeExport {
+        files: vec![
+            FakeFile::output("Patient", patients(3)),
+            FakeFile::missing("Observation"),
+        ],
+        ..FakeExport::default()
+    }
+    .start()
+    .await;
+    let client = BulkClient::new(&fake.base, fast_options()).unwrap();
+    let out = TempDir::new().unwrap();
+
+    let error = bounded(export::run(
+        &client,
+        &job(out.path(), ExportRequest::new(Level::System)),
+        Recorder::new(),
+    ))
+    .await
+    .expect_err("a listed file is missing");
+
+    let missing = fake.file_url(1);
+    match &error {
+        Error::Download {
+            url,
+            status: Some(404),
+            ..
+        } => assert_eq!(url, &missing),
+        other => panic!("{other:?}"),
+    }
+    let reason = error.to_string();
+    assert!(reason.contains(&missing), "{reason}");
+    assert!(!reason.contains('\n'), "{reason}");
+    assert!(!out.path().join("Observation.1.ndjson").exists());
     assert!(leftover_parts(out.path()).is_empty());
     assert!(!out.path().join("manifest.json").exists());
 }

@@ -1,13 +1,14 @@
 //! The harness: a real Hearth on a loopback port (optionally advertising another base URL, so
-//! a proxy can sit in front of it), fake servers for what Hearth cannot answer, and a progress
-//! observer that records what the client reported.
+//! a proxy can sit in front of it) and a progress observer that records what the client
+//! reported. Fake servers, for what Hearth cannot answer, are `hearth_client::testing`'s.
 
 use std::collections::BTreeSet;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use hearth_client::testing::{leftover_parts, lines, serve_fake};
 use hearth_client::{ClientOptions, PlannedFile, PollUpdate, Progress, RetryPolicy, SavedFile};
 use hearth_load::{BatchLimits, LoadObserver, Rejection, Target};
 use hearth_server::{AuthSettings, Embedded, ExportSettings, ServerConfig};
@@ -203,33 +204,6 @@ pub fn id_of_line(line: &str) -> String {
     value["id"].as_str().expect("an id").to_owned()
 }
 
-/// The non-empty lines of a saved file.
-pub fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Every file under `dir` whose name ends with `.part`: none may be left behind.
-pub fn leftover_parts(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.to_string_lossy().ends_with(".part") {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
-
 struct NoRejections;
 
 impl LoadObserver for NoRejections {
@@ -319,14 +293,4 @@ pub async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(TEST_TIMEOUT, future)
         .await
         .expect("the test finishes within its time limit")
-}
-
-/// Serves `router` on a loopback port; returns the origin (`http://127.0.0.1:port`).
-pub async fn serve_fake(router: axum::Router) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    format!("http://{addr}")
 }
