@@ -179,13 +179,15 @@ def cmd_export(args):
 
 def poll_latency(server, exporting=True):
     """wrk on $export-poll-status while exports run back to back in the same period (or, as
-    the machine's floor, while nothing else runs). Returns p99 in ms."""
+    a reference, while no export runs). Returns p99 in ms."""
     status, headers, _ = request(server.base + "/$export",
                                  headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
     location = headers["content-location"]
     request(location)  # the first poll
     while not exporting and request(location)[0] == 202:
         time.sleep(0.05)
+    # Earlier exports' dirty pages are written back first, not during the measurement.
+    subprocess.run(["sync"], check=True)
     stop = threading.Event()
     exports = [0]
 
@@ -217,14 +219,15 @@ def poll_latency(server, exporting=True):
 
 def cmd_poll(args):
     """Status poll p99 under wrk while exports run, for server variants (extra `serve`
-    arguments) taken in turn, round after round, so that machine noise hits each alike."""
+    arguments) taken in turn, round after round, so that machine noise hits each alike; and, as
+    a reference, the same wrk run while no export runs."""
     results = {variant: [] for variant in args.variant}
-    floor = []
+    idle_server = []
     for round_no in range(args.rounds):
         server = Server(args.data)
         try:
-            print(f"round {round_no + 1}, the floor: serve (defaults), no export running:")
-            floor.append(poll_latency(server, exporting=False))
+            print(f"round {round_no + 1}, reference: serve (defaults), no export running:")
+            idle_server.append(poll_latency(server, exporting=False))
         finally:
             server.stop()
         for variant in args.variant:
@@ -239,7 +242,7 @@ def cmd_poll(args):
                 results[variant].append(poll_latency(server))
             finally:
                 server.stop()
-    print(f"floor, no export: p99 {', '.join(f'{p:.2f}' for p in floor)} ms; median {statistics.median(floor):.2f} ms")
+    print(f"no export running: p99 {', '.join(f'{p:.2f}' for p in idle_server)} ms; median {statistics.median(idle_server):.2f} ms")
     for variant, p99s in results.items():
         print(f"serve {variant or '(defaults)'}: p99 {', '.join(f'{p:.2f}' for p in p99s)} ms; "
               f"median {statistics.median(p99s):.2f} ms")
