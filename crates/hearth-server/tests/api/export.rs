@@ -1660,6 +1660,48 @@ async fn an_unknown_file_is_404() {
     }
 }
 
+#[tokio::test]
+async fn a_file_id_never_reaches_outside_the_export_files() {
+    let (server, _) = spawn_server_with_patients(&["Traversal"]).await;
+    let export = kick_off(&server, "?_type=Patient").await;
+    let manifest = poll_to_completion(&server, &export).await;
+    let file_id = items(&manifest, "output")[0]
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    // What a file id would have to be to name a file by path: the store, or the job's own file
+    // by its place on disk.
+    let job_file = std::fs::read_dir(server.dir.path().join("exports").join(&export.job_id))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .find(|name| name.ends_with(".ndjson"))
+        .expect("the job's file is on disk");
+    for id in [
+        "..%2F..%2Fhearth.db".to_owned(),
+        "%2E%2E%2F%2E%2E%2Fhearth.db".to_owned(),
+        "..%5C..%5Chearth.db".to_owned(),
+        format!("{}%2F{job_file}", export.job_id),
+        format!("{file_id}%2F..%2F..%2F..%2Fhearth.db"),
+    ] {
+        let response = server
+            .raw("GET", &server.url(&format!("/Binary/{id}")), &[], b"")
+            .await;
+        assert!(
+            (400..500).contains(&response.status),
+            "/Binary/{id} answered {}",
+            response.status
+        );
+        assert_eq!(
+            response.json()["resourceType"],
+            "OperationOutcome",
+            "/Binary/{id}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // what is exported
 
