@@ -330,6 +330,20 @@ fn failure_reason(stderr: &[String]) -> &str {
     errors[0]
 }
 
+/// Runs `hearth export` into `out`, expecting it to fail: exit status 1, nothing on stdout, one
+/// reason ending stderr (and nothing else there with `--quiet`). Returns the reason.
+async fn failing_run(base: &str, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec![base, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = Export::start(&args).finish().await;
+    assert_eq!(code, Some(1), "{stderr:?}");
+    assert!(stdout.is_empty(), "{stdout}");
+    if extra.contains(&"--quiet") {
+        assert_eq!(stderr.len(), 1, "{stderr:?}");
+    }
+    failure_reason(&stderr).to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_answering_404_exits_non_zero_naming_its_url_and_saves_no_partial_file() {
     const PATIENTS: usize = 100_000;
@@ -346,15 +360,7 @@ async fn a_file_answering_404_exits_non_zero_naming_its_url_and_saves_no_partial
     .await;
     let out = TempDir::new().unwrap();
 
-    let (code, stdout, stderr) =
-        Export::start(&[&fake.base, "--out", out.path().to_str().unwrap(), "--quiet"])
-            .finish()
-            .await;
-
-    assert_eq!(code, Some(1), "{stderr:?}");
-    assert!(stdout.is_empty(), "{stdout}");
-    assert_eq!(stderr.len(), 1, "{stderr:?}");
-    let reason = failure_reason(&stderr);
+    let reason = failing_run(&fake.base, out.path(), &["--quiet"]).await;
     assert!(reason.contains(&fake.file_url(1)), "{reason}");
     assert!(reason.contains("404"), "{reason}");
     assert!(!out.path().join("Observation.1.ndjson").exists());
@@ -378,14 +384,7 @@ async fn a_failed_job_exits_non_zero_with_the_servers_outcome_on_one_line() {
     .await;
     let out = TempDir::new().unwrap();
 
-    let (code, stdout, stderr) =
-        Export::start(&[&fake.base, "--out", out.path().to_str().unwrap()])
-            .finish()
-            .await;
-
-    assert_eq!(code, Some(1), "{stderr:?}");
-    assert!(stdout.is_empty(), "{stdout}");
-    let reason = failure_reason(&stderr);
+    let reason = failing_run(&fake.base, out.path(), &[]).await;
     assert!(reason.contains(diagnostics), "{reason}");
     assert!(reason.contains("500"), "{reason}");
     assert!(!out.path().join("manifest.json").exists());
@@ -401,15 +400,7 @@ async fn a_short_file_exits_non_zero_naming_it_and_both_counts() {
     .await;
     let out = TempDir::new().unwrap();
 
-    let (code, stdout, stderr) =
-        Export::start(&[&fake.base, "--out", out.path().to_str().unwrap(), "--quiet"])
-            .finish()
-            .await;
-
-    assert_eq!(code, Some(1), "{stderr:?}");
-    assert!(stdout.is_empty(), "{stdout}");
-    assert_eq!(stderr.len(), 1, "{stderr:?}");
-    let reason = failure_reason(&stderr);
+    let reason = failing_run(&fake.base, out.path(), &["--quiet"]).await;
     assert!(reason.contains("Patient.1.ndjson"), "{reason}");
     let words: Vec<&str> = reason.split(|c: char| !c.is_ascii_alphanumeric()).collect();
     assert!(

@@ -1420,17 +1420,22 @@ async fn delete_after_the_manifest_was_shown_is_404_and_removes_the_files() {
     assert!(!job_dir.exists(), "{} was not removed", job_dir.display());
 }
 
-#[tokio::test]
-async fn after_expires_the_job_and_its_files_are_gone() {
-    let server = spawn_server_with_options(ServerOptions {
+/// A server whose export jobs and files expire `ttl` after completion.
+async fn spawn_server_with_ttl(ttl: Duration) -> TestServer {
+    spawn_server_with_options(ServerOptions {
         export: ExportSettings {
             workers: 1,
-            ttl: Duration::from_secs(2),
+            ttl,
             ..ExportSettings::default()
         },
         ..ServerOptions::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn after_expires_the_job_and_its_files_are_gone() {
+    let server = spawn_server_with_ttl(Duration::from_secs(2)).await;
     server.create(&patient("Expiring")).await;
     let export = kick_off(&server, "?_type=Patient").await;
     let manifest = poll_to_completion(&server, &export).await;
@@ -1443,15 +1448,7 @@ async fn after_expires_the_job_and_its_files_are_gone() {
 
 #[tokio::test]
 async fn an_expired_job_whose_manifest_was_never_shown_answers_404_to_delete() {
-    let server = spawn_server_with_options(ServerOptions {
-        export: ExportSettings {
-            workers: 1,
-            ttl: Duration::from_secs(1),
-            ..ExportSettings::default()
-        },
-        ..ServerOptions::default()
-    })
-    .await;
+    let server = spawn_server_with_ttl(Duration::from_secs(1)).await;
     server.create(&patient("Expiring")).await;
     let export = kick_off(&server, "?_type=Patient").await;
     assert_in_progress(&server.get(&export.status_url).await);
@@ -1469,15 +1466,7 @@ async fn an_expired_job_whose_manifest_was_never_shown_answers_404_to_delete() {
 
 #[tokio::test]
 async fn the_sweeper_removes_expired_jobs_and_their_files() {
-    let server = spawn_server_with_options(ServerOptions {
-        export: ExportSettings {
-            workers: 1,
-            ttl: Duration::from_secs(2),
-            ..ExportSettings::default()
-        },
-        ..ServerOptions::default()
-    })
-    .await;
+    let server = spawn_server_with_ttl(Duration::from_secs(2)).await;
     server.create(&patient("Swept")).await;
     let expiring = kick_off(&server, "?_type=Patient").await;
     poll_to_completion(&server, &expiring).await;
