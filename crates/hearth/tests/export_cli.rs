@@ -232,25 +232,18 @@ async fn a_refused_export_exits_non_zero_with_the_servers_reason_on_one_line() {
     let server = start_server().await;
     let out = TempDir::new().unwrap();
 
-    let (code, stdout, stderr) = Export::start(&[
+    let reason = failing_run(
         &server.base,
-        "--out",
-        out.path().to_str().unwrap(),
-        "--type",
-        "Patient,NoSuchType",
-        "--quiet",
-    ])
-    .finish()
+        out.path(),
+        &["--type", "Patient,NoSuchType", "--quiet"],
+    )
     .await;
 
-    assert_eq!(code, Some(1));
-    assert!(stdout.is_empty());
-    assert_eq!(stderr.len(), 1, "{stderr:?}");
     assert!(
-        stderr[0].starts_with("error: kick-off refused (400)"),
-        "{stderr:?}"
+        reason.starts_with("error: kick-off refused (400)"),
+        "{reason}"
     );
-    assert!(stderr[0].contains("NoSuchType"), "{stderr:?}");
+    assert!(reason.contains("NoSuchType"), "{reason}");
     server.stop().await;
 }
 
