@@ -42,6 +42,14 @@ pub fn resource_key(resource_type: &str, id: &str) -> i64 {
     hasher.digest() as i64
 }
 
+/// The keys of these Patients, as the compartment index holds them.
+pub(crate) fn patient_keys(patients: &[String]) -> Vec<i64> {
+    patients
+        .iter()
+        .map(|p| resource_key("Patient", p))
+        .collect()
+}
+
 /// Opens the store a command points at: the PostgreSQL database `database` names
 /// (`postgres://…`), or else the embedded SQLite store in `data_dir`. Must be called inside a
 /// tokio runtime.

@@ -21,7 +21,7 @@ use crate::jobs::{
     UnitKind, UnitScope, block_order,
 };
 use crate::model::Seq;
-use crate::resource_key;
+use crate::patient_keys;
 
 fn job_record(row: &PgRow) -> Result<JobRecord, sqlx::Error> {
     let status: &str = row.try_get(2)?;
@@ -251,6 +251,24 @@ impl PgStore {
         }
     }
 
+    /// Which of these patients' compartments hold which rows in `(after, upto]`, by sequence.
+    async fn compartment_routes(
+        &self,
+        keys: &[i64],
+        after: Seq,
+        upto: Seq,
+    ) -> Result<Vec<Route>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, patient_key FROM compartment_member
+             WHERE patient_key = ANY($1) AND seq > $2 AND seq <= $3 ORDER BY seq, patient_key",
+        )
+        .bind(keys)
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// The rows of a batch of patients' compartments, in change-sequence order, each with the
     /// unit's patients it was found through.
     async fn produce_patients(
@@ -260,19 +278,8 @@ impl PgStore {
         forwarder: &mut RowForwarder,
     ) -> Result<(), StoreError> {
         let upto = unit.seq_upto.min(unit.snapshot_seq);
-        let keys: Vec<i64> = patients
-            .iter()
-            .map(|p| resource_key("Patient", p))
-            .collect();
-        let routes: Vec<(Seq, i64)> = sqlx::query_as(
-            "SELECT seq, patient_key FROM compartment_member
-             WHERE patient_key = ANY($1) AND seq > $2 AND seq <= $3 ORDER BY seq, patient_key",
-        )
-        .bind(&keys)
-        .bind(unit.seq_after)
-        .bind(upto)
-        .fetch_all(&self.pool)
-        .await?;
+        let keys = patient_keys(patients);
+        let routes = self.compartment_routes(&keys, unit.seq_after, upto).await?;
         let types: Vec<&str> = unit.resource_type.split(',').collect();
         let deleted = matches!(unit.kind, UnitKind::Deleted);
         let by_seq: Vec<&[(Seq, i64)]> = routes.chunk_by(|a, b| a.0 == b.0).collect();
@@ -340,19 +347,8 @@ impl PgStore {
         forwarder: &mut RowForwarder,
     ) -> Result<(), StoreError> {
         let upto = unit.seq_upto.min(unit.snapshot_seq);
-        let keys: Vec<i64> = patients
-            .iter()
-            .map(|p| resource_key("Patient", p))
-            .collect();
-        let mut routes: Vec<Route> = sqlx::query_as(
-            "SELECT seq, patient_key FROM compartment_member
-             WHERE patient_key = ANY($1) AND seq > $2 AND seq <= $3",
-        )
-        .bind(&keys)
-        .bind(unit.seq_after)
-        .bind(upto)
-        .fetch_all(&self.pool)
-        .await?;
+        let keys = patient_keys(patients);
+        let mut routes = self.compartment_routes(&keys, unit.seq_after, upto).await?;
         // A Patient's key is its own id key: the id index finds its versions.
         let own: Vec<PatientVersion> = sqlx::query_as(
             "SELECT id_key, seq FROM resource_version
@@ -506,10 +502,7 @@ impl JobStore for PgStore {
         after: Seq,
         upto: Seq,
     ) -> Result<u64, StoreError> {
-        let keys: Vec<i64> = patients
-            .iter()
-            .map(|p| resource_key("Patient", p))
-            .collect();
+        let keys = patient_keys(patients);
         let count: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM compartment_member WHERE patient_key = ANY($1) AND seq > $2 AND seq <= $3",
         )

@@ -227,10 +227,7 @@ fn scan_patients(
     each: &mut dyn FnMut(ScanRow<'_>) -> std::io::Result<bool>,
 ) -> Result<(), ScanError> {
     let upto = unit.seq_upto.min(unit.snapshot_seq);
-    let keys: Vec<i64> = patients
-        .iter()
-        .map(|p| super::resource_key("Patient", p))
-        .collect();
+    let keys = crate::patient_keys(patients);
     let types: Vec<&str> = unit.resource_type.split(',').collect();
     let (mut routes, own) = compartment_routes(conn, &keys, &types, unit.seq_after, upto, blocks)?;
     if blocks {
@@ -350,10 +347,7 @@ impl JobStore for SqliteStore {
         after: Seq,
         upto: Seq,
     ) -> Result<u64, StoreError> {
-        let keys: Vec<i64> = patients
-            .iter()
-            .map(|p| super::resource_key("Patient", p))
-            .collect();
+        let keys = crate::patient_keys(patients);
         self.with_reader(move |conn| {
             let mut count = conn.prepare_cached(
                 "SELECT COUNT(*) FROM compartment_member WHERE patient_key = ?1 AND seq > ?2 AND seq <= ?3",
