@@ -260,20 +260,12 @@ mod tests {
             writer.write_line(line.as_bytes()).unwrap();
         }
         let files = writer.finish().unwrap();
-        let contents: Vec<String> = files
-            .iter()
-            .map(|f| std::fs::read_to_string(dir.path().join(&f.name)).unwrap())
-            .collect();
         assert_eq!(
-            contents,
+            read_all(dir.path(), &files),
             ["aaaa\nbbbb\n", "cccc\n", "dddddddddddddddd\n", "e\n"]
         );
         assert_eq!(files.iter().map(|f| f.count).sum::<u64>(), 5);
-        assert!(
-            files
-                .iter()
-                .all(|f| f.bytes == std::fs::metadata(dir.path().join(&f.name)).unwrap().len())
-        );
+        assert_sizes_on_disk(dir.path(), &files);
     }
 
     #[test]
@@ -289,6 +281,16 @@ mod tests {
             .iter()
             .map(|f| std::fs::read_to_string(dir.join(&f.name)).unwrap())
             .collect()
+    }
+
+    /// Each file's recorded size is its size on disk.
+    fn assert_sizes_on_disk(dir: &Path, files: &[WrittenFile]) {
+        for file in files {
+            assert_eq!(
+                file.bytes,
+                std::fs::metadata(dir.join(&file.name)).unwrap().len()
+            );
+        }
     }
 
     #[test]
@@ -313,11 +315,7 @@ mod tests {
         );
         assert!(files.iter().all(|f| !f.continues));
         assert_eq!(files.iter().map(|f| f.count).collect::<Vec<_>>(), [3, 5]);
-        assert!(
-            files
-                .iter()
-                .all(|f| f.bytes == std::fs::metadata(dir.path().join(&f.name)).unwrap().len())
-        );
+        assert_sizes_on_disk(dir.path(), &files);
     }
 
     #[test]
